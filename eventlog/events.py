@@ -1,0 +1,94 @@
+"""Events: what an experiment reports about a run, named in the past tense.
+
+Every event belongs to one run (a locally generated, time-sortable uid) and has a
+contiguous per-run ``seq``; ``(run, seq)`` is the idempotency key everywhere.
+The body of each kind is documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+class Kind(str, enum.Enum):
+    """The kinds of event: every Sacred observer event, plus the watchdog's verdict."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    HEARTBEAT = "heartbeat"
+    METRICS = "metrics"
+    RESOURCE = "resource"
+    ARTIFACT = "artifact"
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    DIED = "died"
+
+    @property
+    def is_lifecycle(self) -> bool:
+        """Lifecycle events are fsynced before the append returns."""
+        return self not in (Kind.HEARTBEAT, Kind.METRICS)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_KINDS
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_KINDS = frozenset({Kind.COMPLETED, Kind.INTERRUPTED, Kind.FAILED, Kind.DIED})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One journaled fact about a run. ``time`` is the UTC wall clock at append."""
+
+    run: str
+    seq: int
+    kind: Kind
+    time: dt.datetime
+    body: dict[str, Any]
+
+
+_RUN_UID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def new_run_uid() -> str:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits.
+
+    Time-sortable as text, generated without any network or coordination.
+    """
+    unix_ms = time.time_ns() // 1_000_000
+    value = (unix_ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    value &= ~(0xF << 76)
+    value |= 0x7 << 76  # version 7
+    value &= ~(0x3 << 62)
+    value |= 0x2 << 62  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+def is_run_uid(text: str) -> bool:
+    return bool(_RUN_UID.match(text))
+
+
+def check_run_uid(text: str) -> str:
+    """Return ``text`` if it is a run uid; a run uid is also a safe directory name."""
+    if not isinstance(text, str) or not is_run_uid(text):
+        raise ValueError(f"not a runrelay run uid: {text!r} (expected a lowercase UUIDv7)")
+    return text
+
+
+def utc_from_micros(micros: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)
+
+
+def micros_now() -> int:
+    return time.time_ns() // 1000

@@ -1,0 +1,168 @@
+"""The pure fold of a run's events into its current state.
+
+This is the one place that knows what a run looks like; every sink shares it.
+``fold_event`` is deterministic and does no I/O, so a sink can fold a batch on top
+of a state it folded before and get the same answer as folding everything once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from eventlog.events import Event, Kind
+
+DIED = "DIED"
+
+
+@dataclass
+class RunState:
+    """A run as Sacred's observers would record it, plus what runrelay adds."""
+
+    run: str
+    last_seq: int = -1
+    status: str | None = None
+    command: str | None = None
+    experiment: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    queue_time: dt.datetime | None = None
+    start_time: dt.datetime | None = None
+    heartbeat: dt.datetime | None = None
+    stop_time: dt.datetime | None = None
+    result: Any = None
+    captured_out: str = ""
+    fail_trace: list[str] | None = None
+    # name -> {"steps": [...], "values": [...], "timestamps": [...]}, as Sacred's metrics.json
+    metrics: dict[str, dict[str, list]] = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)
+    resources: list[dict] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
+    process: dict | None = None
+    death: dict | None = None  # the watchdog's verdict while it stands
+    # False: metric events only advance last_seq (for sinks that append points as rows)
+    track_metrics: bool = True
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in (None, "QUEUED", "RUNNING")
+
+
+def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:
+    """Fold events (in seq order) on top of ``state``; events already folded are skipped."""
+    for event in events:
+        if state is None:
+            state = RunState(event.run)
+        fold_event(state, event)
+    if state is None:
+        raise ValueError("cannot fold an empty stream without a starting state")
+    return state
+
+
+def fold_event(state: RunState, event: Event) -> RunState:
+    if event.seq <= state.last_seq:
+        return state  # replayed: already folded
+    body = event.body
+    if state.death is not None and event.kind is not Kind.DIED:
+        _revive(state)
+    _FOLDERS[event.kind](state, body)
+    state.last_seq = event.seq
+    return state
+
+
+def _revive(state: RunState) -> None:
+    """Later events of a run judged dead win: the verdict is withdrawn."""
+    state.death = None
+    state.status = "RUNNING"
+    state.stop_time = None
+
+
+def _queued(state: RunState, body: dict) -> None:
+    _describe(state, body)
+    state.status = "QUEUED"
+    state.queue_time = body.get("queue_time")
+
+
+def _started(state: RunState, body: dict) -> None:
+    _describe(state, body)
+    state.status = "RUNNING"
+    state.start_time = body.get("start_time")
+    state.process = body.get("process")
+
+
+def _describe(state: RunState, body: dict) -> None:
+    state.experiment = body.get("ex_info") or {}
+    state.command = body.get("command")
+    state.host = body.get("host_info") or {}
+    state.meta = body.get("meta_info") or {}
+    state.config = body.get("config") or {}
+    state.sources = list(body.get("sources") or [])
+
+
+def _heartbeat(state: RunState, body: dict) -> None:
+    state.heartbeat = body.get("beat_time")
+    state.info = body.get("info") or {}
+    state.result = body.get("result")
+    if "captured_out" in body:
+        state.captured_out = body["captured_out"]
+    else:
+        state.captured_out += body.get("captured_out_append", "")
+
+
+def _metrics(state: RunState, body: dict) -> None:
+    if not state.track_metrics:
+        return
+    series = state.metrics.setdefault(body["name"], {"steps": [], "values": [], "timestamps": []})
+    series["steps"].append(body["step"])
+    series["values"].append(body["value"])
+    series["timestamps"].append(body["timestamp"])
+
+
+def _resource(state: RunState, body: dict) -> None:
+    state.resources.append(body)
+
+
+def _artifact(state: RunState, body: dict) -> None:
+    state.artifacts.append(body)
+
+
+def _completed(state: RunState, body: dict) -> None:
+    state.status = "COMPLETED"
+    state.stop_time = body.get("stop_time")
+    state.result = body.get("result")
+
+
+def _interrupted(state: RunState, body: dict) -> None:
+    state.status = body.get("status") or "INTERRUPTED"
+    state.stop_time = body.get("interrupt_time")
+
+
+def _failed(state: RunState, body: dict) -> None:
+    state.status = "FAILED"
+    state.stop_time = body.get("fail_time")
+    state.fail_trace = body.get("fail_trace")
+
+
+def _died(state: RunState, body: dict) -> None:
+    if state.finished and state.death is None:
+        return  # a real ending already stands; a late verdict changes nothing
+    state.status = body.get("status") or DIED
+    state.stop_time = body.get("last_heartbeat") or state.heartbeat or state.start_time
+    state.death = body
+
+
+_FOLDERS = {
+    Kind.QUEUED: _queued,
+    Kind.STARTED: _started,
+    Kind.HEARTBEAT: _heartbeat,
+    Kind.METRICS: _metrics,
+    Kind.RESOURCE: _resource,
+    Kind.ARTIFACT: _artifact,
+    Kind.COMPLETED: _completed,
+    Kind.INTERRUPTED: _interrupted,
+    Kind.FAILED: _failed,
+    Kind.DIED: _died,
+}

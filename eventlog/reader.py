@@ -1,0 +1,191 @@
+"""Reading a journal: list runs, read or follow a run from any position, verify it.
+
+A torn tail (the writer died mid-append) simply ends a run's events. Corruption
+(a bad checksum before the end) raises JournalCorrupt after every good event
+before it has been yielded; damaged bytes are never returned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from eventlog import codec
+from eventlog.blobs import blob_path
+from eventlog.errors import JournalCorrupt, UnknownRun
+from eventlog.events import Event, Kind, check_run_uid, is_run_uid, utc_from_micros
+from eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
+
+FOLLOW_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where reading a run resumes: the next seq, and the byte where its record starts."""
+
+    seq: int = 0
+    segment: int = 0  # first seq of the segment file that holds ``seq``
+    offset: int = 0  # byte offset in that segment; 0 means "from its header"
+
+
+@dataclass
+class RunCheck:
+    """What ``Journal.verify`` found in one run."""
+
+    run: str
+    records: int = 0
+    last_seq: int | None = None
+    torn: str | None = None  # description of a torn tail, if any
+    corrupt: JournalCorrupt | None = None
+    end: Position = field(default_factory=Position)
+
+    @property
+    def ok(self) -> bool:
+        return self.corrupt is None
+
+
+@dataclass
+class _Outcome:
+    torn: tuple[str, Damage] | None = None
+
+
+class Journal:
+    """Read-only view of a journal directory (one sub-directory per run)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def run_dir(self, run: str) -> Path:
+        return self.root / check_run_uid(run)
+
+    def runs(self) -> list[str]:
+        """Every run in the journal, oldest first (run uids sort by creation time)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names if is_run_uid(name) and (self.root / name).is_dir())
+
+    def blob(self, run: str, digest: str) -> Path:
+        return blob_path(self.run_dir(run), digest)
+
+    def read(self, run: str, start: Position | int = 0) -> Iterator[tuple[Event, Position]]:
+        """Yield (event, position after it) from ``start`` (a seq or a saved Position)."""
+        return self._read(run, start, _Outcome())
+
+    def events(self, run: str, from_seq: int = 0) -> Iterator[Event]:
+        for event, _ in self.read(run, from_seq):
+            yield event
+
+    def verify(self, run: str) -> RunCheck:
+        """Check every record's checksums; never raises for damage, reports it."""
+        check = RunCheck(run)
+        outcome = _Outcome()
+        try:
+            for event, position in self._read(run, 0, outcome):
+                check.records += 1
+                check.last_seq = event.seq
+                check.end = position
+        except JournalCorrupt as corrupt:
+            check.corrupt = corrupt
+        if outcome.torn:
+            segment, damage = outcome.torn
+            check.torn = f"{segment} byte {damage.offset}: {damage.reason}"
+        return check
+
+    def follow(
+        self,
+        run: str,
+        start: Position | int = 0,
+        stop: threading.Event | None = None,
+        poll_seconds: float = FOLLOW_POLL_SECONDS,
+    ) -> Iterator[Event]:
+        """Yield a live run's events as they are appended, until a terminal event or ``stop``."""
+        stop = stop or threading.Event()
+        position = start
+        while not stop.is_set():
+            for event, position in self.read(run, position):
+                yield event
+                if event.kind.is_terminal:
+                    return
+            stop.wait(poll_seconds)
+
+    def _segments(self, run: str) -> list[int]:
+        run_dir = self.run_dir(run)
+        try:
+            names = os.listdir(run_dir)
+        except FileNotFoundError:
+            raise UnknownRun(f"no run {run} in journal {self.root}") from None
+        return sorted(seq for seq in map(segment_first_seq, names) if seq is not None)
+
+    def _read(self, run: str, start: Position | int, outcome: _Outcome) -> Iterator[tuple[Event, Position]]:
+        segments = self._segments(run)
+        if not segments:
+            return
+        if isinstance(start, int):
+            start = Position(seq=start, segment=_segment_holding(segments, start), offset=0)
+        elif start.segment not in segments:
+            start = Position(seq=start.seq, segment=_segment_holding(segments, start.seq), offset=0)
+        run_dir = self.run_dir(run)
+        first_index = segments.index(start.segment)
+        expected = start.seq if start.offset else None
+        for index in range(first_index, len(segments)):
+            first = segments[index]
+            name = segment_name(first)
+            if index > first_index and expected is not None and first != expected:
+                raise JournalCorrupt(run, name, 0, f"segment starts at seq {first}, expected {expected}")
+            offset = start.offset if index == first_index else 0
+            last = index == len(segments) - 1
+            scan = SegmentScan()
+            with _mapped(run_dir / name) as data:
+                for seq, payload, end in scan_segment(data, run, first, offset, last, scan):
+                    expected = seq + 1
+                    if seq < start.seq:
+                        continue
+                    yield _decode_event(run, seq, payload, name, end - len(payload)), Position(seq + 1, first, end)
+            if scan.damage:
+                if scan.damage.torn:
+                    outcome.torn = (name, scan.damage)
+                    return
+                raise JournalCorrupt(run, name, scan.damage.offset, scan.damage.reason)
+
+
+def _segment_holding(segments: list[int], seq: int) -> int:
+    holder = segments[0]
+    for first in segments:
+        if first <= seq:
+            holder = first
+    return holder
+
+
+class _mapped:
+    """Map a segment read-only; an empty file maps to b''."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self._file = open(self.path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        return self._map if self._map is not None else b""
+
+    def __exit__(self, *exc):
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+
+def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int) -> Event:
+    """Turn a checksummed payload into an Event; a malformed one is corruption, not a crash."""
+    try:
+        kind, micros, body = codec.decode(payload)
+        if not isinstance(micros, int) or not isinstance(body, dict):
+            raise ValueError("payload is not [kind, time, body]")
+        return Event(run=run, seq=seq, kind=Kind(kind), time=utc_from_micros(micros), body=body)
+    except Exception as error:  # noqa: BLE001 - any decode failure means bad bytes
+        raise JournalCorrupt(run, segment, offset, f"undecodable payload: {error}") from None
