@@ -52,6 +52,9 @@ class Batch:
     run: str
     events: Sequence[Event]
     state: RunState
+    # True when the dead-letter queue re-drives events the run's cursor has passed:
+    # the sink writes them anyway (still idempotently) and leaves its applied seq alone.
+    redelivery: bool = False
 
     @property
     def first_seq(self) -> int:
