@@ -1,0 +1,188 @@
+"""`runrelay journal ls|cat|verify`: look into the journal without any sink."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from eventlog.errors import JournalCorrupt
+from eventlog.events import Event
+from eventlog.fold import RunState, fold_event
+from eventlog.location import default_journal_dir
+from eventlog.reader import Journal
+
+EXIT_OK = 0
+EXIT_CORRUPT = 1
+EXIT_USAGE = 2
+
+
+def add_journal_commands(subparsers) -> None:
+    journal = subparsers.add_parser(
+        "journal",
+        help="list, print and verify journaled runs",
+        description="Read the local journal directly (no sink, no daemon needed).",
+    )
+    commands = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+
+    ls = commands.add_parser(
+        "ls",
+        help="list runs with their status and event count",
+        description="List every run in the journal, oldest first.",
+        epilog="example: runrelay journal ls --json",
+    )
+    _add_location(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON object per run")
+    ls.set_defaults(func=_command(_ls))
+
+    cat = commands.add_parser(
+        "cat",
+        help="print a run's events as JSON lines",
+        description=(
+            "Print one JSON object per event: run, seq, kind, time (ISO 8601, UTC), body. "
+            "Datetimes in bodies print as ISO 8601 strings, bytes as {\"$base64\": ...}, "
+            "non-finite floats as NaN / Infinity / -Infinity."
+        ),
+        epilog="example: runrelay journal cat 0193b2c4 --from 10 --follow",
+    )
+    _add_location(cat)
+    cat.add_argument("run", help="run uid, or a unique prefix of one")
+    cat.add_argument("--from", dest="from_seq", type=int, default=0, metavar="SEQ", help="first seq to print")
+    cat.add_argument("--follow", action="store_true", help="keep printing as the run appends, until it ends")
+    cat.set_defaults(func=_command(_cat))
+
+    verify = commands.add_parser(
+        "verify",
+        help="check every record's checksums",
+        description=(
+            "Check the checksums of one run, or of every run. Exit 0 when all records check "
+            "(a torn tail left by a crashed writer is normal and reported, not an error); "
+            "exit 1 on corruption, naming the segment and byte offset."
+        ),
+        epilog="example: runrelay journal verify && echo journal ok",
+    )
+    _add_location(verify)
+    verify.add_argument("run", nargs="?", help="run uid or unique prefix (default: every run)")
+    verify.set_defaults(func=_command(_verify))
+
+
+def _add_location(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        metavar="DIR",
+        help="journal directory (default: $RUNRELAY_HOME/journal, else ~/.local/share/runrelay/journal)",
+    )
+
+
+def _journal(args) -> Journal:
+    return Journal(args.journal or default_journal_dir())
+
+
+def _resolve(journal: Journal, prefix: str) -> str:
+    matches = [run for run in journal.runs() if run.startswith(prefix.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise _UsageError(f"no run matching {prefix!r} in {journal.root} (see: runrelay journal ls)")
+    raise _UsageError(f"{prefix!r} matches {len(matches)} runs; give more of the uid")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _command(function):
+    """A usage error (unknown run, ambiguous prefix) is one line and exit 2, not a traceback."""
+
+    def run(args) -> int:
+        try:
+            return function(args)
+        except _UsageError as error:
+            print(f"runrelay: {error}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def _ls(args) -> int:
+    journal = _journal(args)
+    for run in journal.runs():
+        summary = _summarize(journal, run)
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            flag = {"ok": "", "torn": "  (torn tail)", "corrupt": "  CORRUPT"}[summary["journal"]]
+            status = summary["status"] or "-"
+            print(f"{run}  {status:<11} {summary['events']:>8} events{flag}")
+    return EXIT_OK
+
+
+def _summarize(journal: Journal, run: str) -> dict:
+    state = RunState(run, track_metrics=False)
+    events = 0
+    health = "ok"
+    try:
+        for events, (event, _) in enumerate(journal.read(run), start=1):
+            fold_event(state, event)
+        if journal.verify(run).torn:
+            health = "torn"
+    except JournalCorrupt:
+        health = "corrupt"
+    return {"run": run, "status": state.status, "events": events, "journal": health}
+
+
+def _cat(args) -> int:
+    journal = _journal(args)
+    run = _resolve(journal, args.run)
+    events = journal.follow(run, args.from_seq) if args.follow else journal.events(run, args.from_seq)
+    try:
+        for event in events:
+            print(event_json(event), flush=args.follow)
+    except JournalCorrupt as corrupt:
+        print(f"runrelay: {corrupt}", file=sys.stderr)
+        return EXIT_CORRUPT
+    return EXIT_OK
+
+
+def event_json(event: Event) -> str:
+    record = {
+        "run": event.run,
+        "seq": event.seq,
+        "kind": event.kind.value,
+        "time": event.time.isoformat(),
+        "body": event.body,
+    }
+    return json.dumps(record, default=_plain, ensure_ascii=False)
+
+
+def _plain(value):
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return {"$base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"unexpected {type(value).__name__} in a journal body")
+
+
+def _verify(args) -> int:
+    journal = _journal(args)
+    runs = [_resolve(journal, args.run)] if args.run else journal.runs()
+    corrupt = 0
+    for run in runs:
+        check = journal.verify(run)
+        if check.corrupt:
+            corrupt += 1
+            print(f"{run}  CORRUPT after {check.records} good records: {check.corrupt.segment} "
+                  f"byte {check.corrupt.offset}: {check.corrupt.reason}")
+        elif check.torn:
+            print(f"{run}  ok, {check.records} records, torn tail at {check.torn}")
+        else:
+            print(f"{run}  ok, {check.records} records")
+    if corrupt:
+        print(f"{corrupt} of {len(runs)} runs corrupt", file=sys.stderr)
+        return EXIT_CORRUPT
+    return EXIT_OK
+

@@ -1,0 +1,197 @@
+"""The journal's writer, reader and format, on real files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
+from eventlog.events import check_run_uid, new_run_uid
+from eventlog.writer import writer_alive
+
+
+def test_values_keep_their_types(journal_dir):
+    body = {
+        "nan": math.nan,
+        "inf": math.inf,
+        "-inf": -math.inf,
+        "int": 3,
+        "float": 3.0,
+        "naive": dt.datetime(2024, 5, 6, 7, 8, 9, 123456),
+        "aware": dt.datetime(2024, 5, 6, 7, 8, 9, 654321, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "nested": {"a": [1, 2.5, {"b": None, "c": True}], "bytes": b"\x00\xff"},
+    }
+    with JournalWriter.create(journal_dir) as writer:
+        writer.append(Kind.STARTED, body)
+    (event,) = Journal(journal_dir).events(writer.run)
+    got = event.body
+    assert math.isnan(got["nan"]) and got["inf"] == math.inf and got["-inf"] == -math.inf
+    assert type(got["int"]) is int and type(got["float"]) is float
+    assert got["naive"] == body["naive"] and got["naive"].tzinfo is None
+    assert got["aware"] == body["aware"] and got["aware"].utcoffset() == dt.timedelta(hours=2)
+    assert got["nested"] == body["nested"]
+    assert event.time.tzinfo == dt.timezone.utc and event.kind is Kind.STARTED and event.seq == 0
+
+
+def test_unjournalable_value_is_a_clear_error_and_nothing_is_written(journal_dir):
+    with JournalWriter.create(journal_dir) as writer:
+        with pytest.raises(TypeError, match="cannot journal a value of type object"):
+            writer.append(Kind.STARTED, {"x": object()})
+        writer.append(Kind.STARTED, {"x": 1})
+    assert [e.seq for e in Journal(journal_dir).events(writer.run)] == [0]
+
+
+def test_run_uids_sort_by_creation_and_are_validated():
+    uids = [new_run_uid() for _ in range(50)]
+    assert all(check_run_uid(u) == u for u in uids)
+    with pytest.raises(ValueError, match="not a runrelay run uid"):
+        check_run_uid("../../etc")
+
+
+def test_rotation_and_resuming_from_any_seq_or_position(journal_dir):
+    with JournalWriter.create(journal_dir, segment_bytes=2048) as writer:
+        for step in range(300):
+            writer.append(Kind.METRICS, {"name": "loss", "step": step, "value": step / 3, "timestamp": None})
+    run_dir = journal_dir / writer.run
+    assert len(list(run_dir.glob("*.seg"))) > 5
+    journal = Journal(journal_dir)
+    pairs = list(journal.read(writer.run))
+    assert [e.seq for e, _ in pairs] == list(range(300))
+    for index in (0, 1, 57, 150, 298):
+        _, position = pairs[index]
+        assert [e.seq for e, _ in journal.read(writer.run, position)] == list(range(index + 1, 300))
+        assert [e.seq for e, _ in journal.read(writer.run, index)] == list(range(index, 300))
+    assert list(journal.read(writer.run, pairs[-1][1])) == []
+
+
+def test_journal_files_are_owner_only(journal_dir, tmp_path):
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights")
+    with JournalWriter.create(journal_dir) as writer:
+        writer.store_file(source)
+        writer.append(Kind.STARTED, {})
+    for path in [journal_dir, *journal_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+
+
+def test_blob_keeps_the_bytes_seen_at_event_time(journal_dir, tmp_path):
+    source = tmp_path / "artifact.txt"
+    source.write_bytes(b"first version")
+    with JournalWriter.create(journal_dir) as writer:
+        ref = writer.store_file(source)
+        source.write_bytes(b"rewritten a moment later")
+        source.unlink()
+    assert ref["size"] == len(b"first version")
+    assert Journal(journal_dir).blob(writer.run, ref["digest"]).read_bytes() == b"first version"
+    with pytest.raises(ValueError):
+        Journal(journal_dir).blob(writer.run, "../../../etc/passwd")
+
+
+def test_one_writer_per_run(journal_dir):
+    with JournalWriter.create(journal_dir) as writer:
+        assert writer_alive(journal_dir / writer.run)
+        with pytest.raises(WriterBusy):
+            JournalWriter.resume(journal_dir, writer.run)
+    assert not writer_alive(journal_dir / writer.run)
+
+
+def test_resume_continues_the_sequence(journal_dir):
+    with JournalWriter.create(journal_dir, segment_bytes=1024) as writer:
+        for step in range(40):
+            writer.append(Kind.METRICS, {"name": "x", "step": step, "value": 1.0, "timestamp": None})
+    with JournalWriter.resume(journal_dir, writer.run, segment_bytes=1024) as resumed:
+        assert resumed.append(Kind.DIED, {"reason": "test"}) == 40
+    check = Journal(journal_dir).verify(writer.run)
+    assert check.ok and check.records == 41 and check.torn is None
+
+
+def test_a_closed_writer_refuses_appends(journal_dir):
+    writer = JournalWriter.create(journal_dir)
+    writer.close()
+    with pytest.raises(JournalWriteError, match="closed"):
+        writer.append(Kind.HEARTBEAT, {})
+
+
+def test_durability_knobs_are_checked():
+    with pytest.raises(ValueError, match="positive"):
+        Durability(group_commit_seconds=0)
+
+
+def test_corruption_is_raised_after_the_good_events(journal_dir):
+    with JournalWriter.create(journal_dir) as writer:
+        for step in range(10):
+            writer.append(Kind.METRICS, {"name": "x", "step": step, "value": 1.0, "timestamp": None})
+    segment = next((journal_dir / writer.run).glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(JournalCorrupt) as raised:
+        for event in Journal(journal_dir).events(writer.run):
+            seen.append(event.seq)
+    assert seen == list(range(len(seen))) and len(seen) < 10
+    assert raised.value.segment == segment.name and raised.value.offset > 0
+
+
+def test_file_size_limit_is_a_clear_error_and_keeps_what_was_journaled(journal_dir):
+    """RLIMIT_FSIZE makes write(2) fail part-way; the writer cuts the partial record."""
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        from eventlog import JournalWriter, JournalWriteError, Kind
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+        writer = JournalWriter.create({str(journal_dir)!r})
+        print(writer.run, flush=True)
+        appended = 0
+        try:
+            for step in range(10_000):
+                writer.append(Kind.METRICS, {{"name": "x", "step": step, "value": 0.5, "pad": "p" * 300}})
+                appended += 1
+        except JournalWriteError as error:
+            print(appended, flush=True)
+            print(error, flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    run, appended, message = out.splitlines()[:3]
+    assert "could not append" in message and "File too large" in message
+    check = Journal(journal_dir).verify(run)
+    assert check.ok and check.torn is None
+    assert check.records == int(appended) > 0
+
+
+def test_reading_a_missing_run_says_so(journal_dir):
+    from eventlog import UnknownRun
+
+    with pytest.raises(UnknownRun):
+        list(Journal(journal_dir).events(new_run_uid()))
+    assert Journal(journal_dir / "nowhere").runs() == []
+    os.makedirs(journal_dir / "not-a-run")
+    assert Journal(journal_dir).runs() == []
+
+
+def test_follow_yields_live_events_until_the_run_ends(journal_dir):
+    import threading
+
+    writer = JournalWriter.create(journal_dir)
+    writer.append(Kind.STARTED, {})
+
+    def produce():
+        for step in range(20):
+            writer.append(Kind.METRICS, {"name": "x", "step": step, "value": 1.0, "timestamp": None})
+        writer.append(Kind.COMPLETED, {"result": 1})
+        writer.close()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    kinds = [e.kind for e in Journal(journal_dir).follow(writer.run, poll_seconds=0.01)]
+    thread.join()
+    assert kinds[0] is Kind.STARTED and kinds[-1] is Kind.COMPLETED and len(kinds) == 22
