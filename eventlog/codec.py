@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -17,6 +18,7 @@ _DATETIME = 1  # extension code: int64 µs since the epoch, int32 UTC offset in 
 _NAIVE = 0x7FFFFFFF  # offset marker for a naive datetime (Sacred's utcnow())
 _DATETIME_LAYOUT = struct.Struct(">qi")
 _EPOCH = dt.datetime(1970, 1, 1)
+_MICROSECOND = dt.timedelta(microseconds=1)
 
 
 class EncodeError(TypeError):
@@ -26,10 +28,10 @@ class EncodeError(TypeError):
 def _encode_extra(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         offset = value.utcoffset()
-        naive = value.replace(tzinfo=None) - (offset or dt.timedelta())
-        micros = (naive - _EPOCH) // dt.timedelta(microseconds=1)
-        marker = _NAIVE if offset is None else int(offset.total_seconds())
-        return msgpack.ExtType(_DATETIME, _DATETIME_LAYOUT.pack(micros, marker))
+        if offset is None:  # the hot path: Sacred's naive utcnow() timestamps
+            return msgpack.ExtType(_DATETIME, _DATETIME_LAYOUT.pack((value - _EPOCH) // _MICROSECOND, _NAIVE))
+        micros = (value.replace(tzinfo=None) - offset - _EPOCH) // _MICROSECOND
+        return msgpack.ExtType(_DATETIME, _DATETIME_LAYOUT.pack(micros, int(offset.total_seconds())))
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         return value.item()  # numpy scalars become their Python equivalent
     raise EncodeError(
@@ -49,12 +51,14 @@ def _decode_extra(code: int, data: bytes) -> Any:
     return (naive + offset).replace(tzinfo=dt.timezone(offset))
 
 
-_packer_options = dict(default=_encode_extra, use_bin_type=True, datetime=False)
+_packer = msgpack.Packer(default=_encode_extra, use_bin_type=True, datetime=False)
+_packer_lock = threading.Lock()
 
 
 def encode(value: Any) -> bytes:
     try:
-        return msgpack.packb(value, **_packer_options)
+        with _packer_lock:  # one reusable Packer is faster than packb; it is not thread-safe
+            return _packer.pack(value)
     except (TypeError, ValueError, OverflowError) as error:
         if isinstance(error, EncodeError):
             raise
