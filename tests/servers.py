@@ -1,0 +1,360 @@
+"""Throwaway real database servers for the test suite (see DESIGN.md section 7).
+
+Each server is its own process (in its own session) on a free 127.0.0.1 port, with its data in
+a private temp dir. ``kill()`` SIGKILLs it and its children like a crash; ``start()`` brings it
+back on the same port and data dir, so committed rows survive. ``cleanup()`` kills it and
+deletes everything; it also runs at interpreter exit, so a test session that ends on an
+exception or Ctrl-C leaves no server behind (a SIGKILLed or SIGTERMed session still does).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pymysql
+import pytest
+from psycopg import sql
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+POLL_INTERVAL = 0.05
+LOG_TAIL_CHARS = 2000
+
+
+class ServerUnavailable(Exception):
+    """The server cannot run on this machine; the message says what to install."""
+
+
+class Server:
+    """A database server process owned by the test session."""
+
+    name: str
+    programs: tuple[str, ...]
+    install_hint: str
+    stop_signal: signal.Signals
+
+    def __init__(self, bin_dir: str | os.PathLike | None = None):
+        self.bin_dir = Path(bin_dir) if bin_dir else None
+        self.port: int | None = None
+        self.root: Path | None = None
+        self.process: subprocess.Popen | None = None
+
+    # --- what subclasses provide -----------------------------------------------------------
+
+    def url(self, database: str) -> str:
+        raise NotImplementedError
+
+    def create_database(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _initialize(self) -> None:
+        """Create the data dir (first start only)."""
+        raise NotImplementedError
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _accepts_connections(self) -> bool:
+        """Open and close one connection; False if the server refuses it (yet)."""
+        raise NotImplementedError
+
+    def _launch_options(self) -> dict:
+        """Extra ``subprocess`` options for the server process (e.g. the user to run as)."""
+        return {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def program(self, name: str) -> Path | None:
+        if self.bin_dir:
+            path = self.bin_dir / name
+            return path if os.access(path, os.X_OK) else None
+        # mariadbd lives in /usr/sbin, which is not on a normal user's PATH.
+        found = shutil.which(name, path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
+        return Path(found) if found else None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this server cannot start here (with what to install), or None if it can."""
+        missing = [name for name in self.programs if self.program(name) is None]
+        if missing:
+            where = f"in {self.bin_dir}" if self.bin_dir else "on PATH or in /usr/sbin"
+            return f"{self.name} not installed ({', '.join(missing)} not found {where}): {self.install_hint}"
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start the server (again, after ``stop``/``kill``, on the same port and data dir)."""
+        if self.running:
+            return
+        if self.root is None:
+            reason = self.unavailable_reason()
+            if reason:
+                raise ServerUnavailable(reason)
+            self.root = Path(tempfile.mkdtemp(prefix=f"runrelay-{self.name.lower()}-"))
+            atexit.register(self.cleanup)
+            self.port = free_port()
+            self._initialize()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                start_new_session=True,  # own process group: Ctrl-C in pytest does not reach it
+                **self._launch_options(),
+            )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Block until the server accepts connections; raise with its log if it does not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited while starting:\n{self.log_tail()}")
+            if self._accepts_connections():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
+            time.sleep(POLL_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL the server and all its child processes at once, like a crash."""
+        if not self.running:
+            return
+        # Postgres children each call setsid(), so killing the process group is not enough.
+        # Freeze the server first so it forks no new child while we list them.
+        os.kill(self.process.pid, signal.SIGSTOP)
+        doomed = [self.process.pid, *children_of(self.process.pid)]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):  # a child may exit on its own meanwhile
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        # SIGKILL lands only once a process leaves blocking I/O (e.g. fsync), and postgres
+        # refuses to start while an old backend still holds its shared memory.
+        wait_until_dead(doomed)
+
+    def stop(self) -> None:
+        """Shut the server down cleanly (SIGKILL if it takes longer than STOP_TIMEOUT)."""
+        if not self.running:
+            return
+        self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def cleanup(self) -> None:
+        """Kill the server and delete its data dir. Safe to call twice."""
+        self.kill()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+            atexit.unregister(self.cleanup)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError as error:
+            return f"(no log: {error})"
+
+    def _run(self, argv: list, **options) -> None:
+        """Run a setup command; raise with its output if it fails."""
+        result = subprocess.run(
+            [str(arg) for arg in argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd=self.root,
+            text=True,
+            **options,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+
+
+class PostgresServer(Server):
+    """PostgreSQL; run as the ``postgres`` user when we are root (it refuses to run as root)."""
+
+    name = "PostgreSQL"
+    programs = ("initdb", "postgres")
+    install_hint = "apt-get install postgresql"
+    stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
+    superuser = "postgres"
+
+    def __init__(self, bin_dir: str | os.PathLike | None = None):
+        super().__init__(bin_dir or newest_debian_postgres_bin())
+
+    def unavailable_reason(self) -> str | None:
+        reason = super().unavailable_reason()
+        if reason is None and os.geteuid() == 0 and not user_exists("postgres"):
+            reason = f"running as root but there is no 'postgres' user to run PostgreSQL as: {self.install_hint}"
+        return reason
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{self.superuser}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> None:
+        with psycopg.connect(self._conninfo("postgres"), autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def _launch_options(self) -> dict:
+        if os.geteuid() != 0:
+            return {}
+        return {"user": "postgres", "group": "postgres", "extra_groups": []}
+
+    def _initialize(self) -> None:
+        if os.geteuid() == 0:
+            # postgres must own the dir of its data and socket; mkdtemp made it root's, 0700.
+            # (Its parent, the system temp dir, must let postgres through: /tmp does.)
+            postgres = pwd.getpwnam("postgres")
+            os.chown(self.root, postgres.pw_uid, postgres.pw_gid)
+        self._run(
+            [self.program("initdb"), "-D", self.data_dir, "-U", self.superuser,
+             "-A", "trust", "--no-sync", "--encoding=UTF8", "--locale=C"],
+            **self._launch_options(),
+        )
+
+    def _command(self) -> list[str]:
+        return [
+            str(self.program("postgres")), "-D", str(self.data_dir), "-p", str(self.port),
+            "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+        ]
+
+    def _conninfo(self, database: str) -> str:
+        return f"host=127.0.0.1 port={self.port} user={self.superuser} dbname={database} connect_timeout=2"
+
+    def _accepts_connections(self) -> bool:
+        try:
+            psycopg.connect(self._conninfo("postgres")).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+
+class MariaDBServer(Server):
+    """MariaDB (MySQL protocol); root connects over TCP without a password."""
+
+    name = "MariaDB"
+    programs = ("mariadbd", "mariadb-install-db")
+    install_hint = "apt-get install mariadb-server"
+    stop_signal = signal.SIGTERM  # clean shutdown
+
+    def url(self, database: str) -> str:
+        return f"mysql+pymysql://root@127.0.0.1:{self.port}/{database}?charset=utf8mb4"
+
+    def create_database(self, name: str) -> None:
+        connection = self._connect()
+        try:
+            with connection.cursor() as cursor:
+                quoted = name.replace("`", "``")
+                cursor.execute(f"CREATE DATABASE `{quoted}` CHARACTER SET utf8mb4")
+        finally:
+            connection.close()
+
+    def _user_option(self) -> list[str]:
+        # mariadbd refuses to run as root unless told to.
+        return ["--user=root"] if os.geteuid() == 0 else []
+
+    def _initialize(self) -> None:
+        self._run([
+            self.program("mariadb-install-db"), "--no-defaults", f"--datadir={self.data_dir}",
+            *self._user_option(), "--auth-root-authentication-method=normal", "--skip-test-db",
+        ])
+
+    def _command(self) -> list[str]:
+        return [
+            str(self.program("mariadbd")), "--no-defaults", *self._user_option(),
+            f"--datadir={self.data_dir}", f"--socket={self.root / 'mysqld.sock'}",
+            f"--pid-file={self.root / 'mysqld.pid'}", f"--port={self.port}",
+            "--bind-address=127.0.0.1", "--skip-name-resolve",
+        ]
+
+    def _connect(self) -> pymysql.Connection:
+        return pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=2, autocommit=True)
+
+    def _accepts_connections(self) -> bool:
+        try:
+            self._connect().close()
+            return True
+        except pymysql.OperationalError:
+            return False
+
+
+def start_or_skip(server: Server) -> Server:
+    """Start ``server``; if it cannot run here, skip the test, or fail it under
+    RUNRELAY_REQUIRE_SERVICES=1 (CI), with the reason and what to install."""
+    try:
+        server.start()
+    except ServerUnavailable as error:
+        if os.environ.get("RUNRELAY_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{error} (required: RUNRELAY_REQUIRE_SERVICES=1)", pytrace=False)
+        pytest.skip(str(error))
+    return server
+
+
+def newest_debian_postgres_bin() -> Path | None:
+    """Debian keeps PostgreSQL off PATH, in /usr/lib/postgresql/<major>/bin."""
+    bins = Path("/usr/lib/postgresql").glob("*/bin")
+    versioned = [path for path in bins if path.parent.name.isdigit()]
+    return max(versioned, key=lambda path: int(path.parent.name), default=None)
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def children_of(parent: int) -> list[int]:
+    return [pid for pid, ppid in live_processes() if ppid == parent]
+
+
+def wait_until_dead(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
+    """Wait until none of ``pids`` is a live (non-zombie) process."""
+    deadline = time.monotonic() + timeout
+    while any(pid in pids for pid, _ppid in live_processes()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {pids} still alive {timeout} s after SIGKILL")
+        time.sleep(POLL_INTERVAL)
+
+
+def live_processes() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process that is not a zombie, from /proc."""
+    processes = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        if state not in ("Z", "X"):
+            processes.append((int(stat.parent.name), int(ppid)))
+    return processes
