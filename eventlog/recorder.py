@@ -1,0 +1,251 @@
+"""Recording a run from plain Python code, without Sacred.
+
+    with Recorder.start(config={"lr": 0.1}, experiment="demo") as run:
+        run.log_metric("loss", 0.3)
+        run.add_artifact("model.pt")
+        run.result = 0.9
+
+The run is journaled exactly as the Sacred observer journals one (docs/events.md):
+``started``, heartbeats from a background thread, metrics, artifacts and resources
+as they happen, and one ending: ``completed`` when the block exits normally,
+``interrupted`` on KeyboardInterrupt, ``failed`` with the traceback otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from eventlog.events import Kind
+from eventlog.location import default_journal_dir
+from eventlog.writer import Durability, JournalWriter
+
+DEFAULT_HEARTBEAT_SECONDS = 10.0  # Sacred's default beat interval
+RUNNING = "RUNNING"
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> dt.datetime:
+    """Naive UTC with microseconds: the form Sacred hands its observers."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def process_info() -> dict:
+    """Where this run lives, for the dead-run watchdog (``process`` in docs/events.md)."""
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _read_proc("sys/kernel/random/boot_id"),
+        "pid": os.getpid(),
+        "start_ticks": _start_ticks(),
+    }
+
+
+def _read_proc(name: str) -> str | None:
+    try:
+        return Path("/proc", name).read_text().strip()
+    except OSError:
+        return None  # not Linux
+
+
+def _start_ticks() -> int | None:
+    stat = _read_proc("self/stat")
+    if stat is None:
+        return None
+    # Field 2 (the command name) may hold spaces and parentheses: count fields after its
+    # closing ')', where field 3 starts; the start time is field 22.
+    return int(stat.rsplit(")", 1)[1].split()[22 - 3])
+
+
+def captured_out_body(journaled: str, text: str) -> dict:
+    """The heartbeat's output field: only the new text while the output only grows."""
+    if text.startswith(journaled):
+        return {"captured_out_append": text[len(journaled) :]}
+    return {"captured_out": text}
+
+
+class Recorder:
+    """One run recorded from plain Python; create it with ``Recorder.start``.
+
+    ``info`` and ``result`` are journaled with every heartbeat and at the end, as Sacred
+    does with its run's ``info`` and ``result``.
+    """
+
+    def __init__(self, writer: JournalWriter, heartbeat_seconds: float):
+        self._writer = writer
+        self._heartbeat_seconds = heartbeat_seconds
+        self.info: dict = {}
+        self.result: Any = None
+        self.status = RUNNING
+        self._lock = threading.Lock()  # guards the step counters and the output buffer
+        self._steps: dict[str, int] = {}
+        self._out = ""
+        self._journaled_out = ""
+        self._stop = threading.Event()
+        self._beats = threading.Thread(
+            target=self._beat_loop, name=f"runrelay-heartbeat-{writer.run[:8]}", daemon=True
+        )
+
+    @classmethod
+    def start(
+        cls,
+        config: dict | None = None,
+        journal_dir: str | os.PathLike | None = None,
+        experiment: str | None = None,
+        heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+        durability: Durability = Durability(),
+    ) -> "Recorder":
+        """Journal the run's start (durably) and start its heartbeats."""
+        if not heartbeat_seconds > 0:
+            raise ValueError("heartbeat_seconds must be a positive number of seconds")
+        writer = JournalWriter.create(default_journal_dir() if journal_dir is None else journal_dir, durability=durability)
+        try:
+            writer.append(
+                Kind.STARTED,
+                {
+                    "ex_info": _experiment_info(experiment),
+                    "command": "main",
+                    "host_info": _host_info(),
+                    "start_time": utc_now(),
+                    "config": config or {},
+                    "meta_info": {},
+                    "sources": [],
+                    "process": process_info(),
+                },
+            )
+        except BaseException:
+            writer.close()
+            raise
+        run = cls(writer, heartbeat_seconds)
+        run._beats.start()
+        return run
+
+    @property
+    def uid(self) -> str:
+        return self._writer.run
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Journal one point now; without ``step``, one more than the name's last step."""
+        with self._lock:
+            if step is None:
+                step = self._steps.get(name, -1) + 1
+            self._steps[name] = step
+            self._writer.append(Kind.METRICS, {"name": name, "step": step, "value": value, "timestamp": utc_now()})
+
+    def add_artifact(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        metadata: dict | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Copy a file the run produced into the journal now; the file may change afterwards."""
+        filename = os.path.abspath(path)
+        stored = self._writer.store_file(filename)
+        body = {"name": name or os.path.basename(filename), "filename": filename, **stored}
+        self._writer.append(Kind.ARTIFACT, {**body, "metadata": metadata, "content_type": content_type})
+
+    def add_resource(self, path: str | os.PathLike) -> None:
+        """Copy a file the run read into the journal now."""
+        filename = os.path.abspath(path)
+        self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
+
+    def print(self, *values: Any, sep: str = " ", end: str = "\n") -> None:
+        """Print to stdout and add the text to the run's captured output."""
+        text = sep.join(map(str, values)) + end
+        sys.stdout.write(text)
+        with self._lock:
+            self._out += text
+
+    def finish(self, result: Any = None) -> None:
+        """End the run as COMPLETED; ``result`` (if given) replaces ``self.result``."""
+        if result is not None:
+            self.result = result
+        self._end(Kind.COMPLETED, "COMPLETED", {"stop_time": utc_now(), "result": self.result})
+
+    def fail(self, trace: list[str] | BaseException | None = None) -> None:
+        """End the run as FAILED with ``trace``: lines as Sacred formats them, an
+        exception to format, or (None) the exception being handled."""
+        if trace is None:
+            trace = sys.exc_info()[1] or []
+        if isinstance(trace, BaseException):
+            trace = traceback.format_exception(type(trace), trace, trace.__traceback__)
+        self._end(Kind.FAILED, "FAILED", {"fail_time": utc_now(), "fail_trace": list(trace)})
+
+    def interrupt(self, status: str = "INTERRUPTED") -> None:
+        """End the run as interrupted with ``status`` (e.g. TIMEOUT)."""
+        self._end(Kind.INTERRUPTED, status, {"interrupt_time": utc_now(), "status": status})
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.status != RUNNING:
+            return False  # ended explicitly inside the block
+        if exc is None:
+            self.finish()
+        elif isinstance(exc, KeyboardInterrupt) or isinstance(getattr(exc, "STATUS", None), str):
+            # KeyboardInterrupt and Sacred's SacredInterrupt (which carries STATUS), as Sacred does
+            self.interrupt(getattr(exc, "STATUS", "INTERRUPTED"))
+        else:
+            self.fail(exc)
+        return False
+
+    def _end(self, kind: Kind, status: str, body: dict) -> None:
+        if self.status != RUNNING:
+            raise RuntimeError(f"run {self.uid} has already ended ({self.status})")
+        self.status = status
+        self._stop.set()
+        self._beats.join()
+        try:
+            self._heartbeat()  # the last info, result and output, like Sacred's final beat
+            self._writer.append(kind, body)
+        finally:
+            self._writer.close()
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            out = self._out
+        body = {"beat_time": utc_now(), "info": self.info, "result": self.result}
+        self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, out)})
+        self._journaled_out = out
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat_seconds):
+            try:
+                self._heartbeat()
+            except Exception as error:  # noqa: BLE001 - a missed beat must not end the run
+                log.warning("run %s: heartbeat not journaled: %s", self.uid, error)
+
+
+def _experiment_info(name: str | None) -> dict:
+    """Sacred's ``ex_info`` shape, for the script that runs (if any)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    main = os.path.abspath(main) if main else None
+    return {
+        "name": name or (Path(main).stem if main else "recorder"),
+        "base_dir": os.path.dirname(main) if main else os.getcwd(),
+        "sources": [],
+        "dependencies": [],
+        "repositories": [],
+        "mainfile": os.path.basename(main) if main else None,
+    }
+
+
+def _host_info() -> dict:
+    """The keys Sacred's default host info has (GPUs are not probed)."""
+    return {
+        "hostname": platform.node(),
+        "os": [platform.system(), platform.platform()],
+        "python_version": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "ENV": {},
+    }

@@ -1,0 +1,220 @@
+"""Journaling Sacred runs: ``JournalObserver`` and the ``--journal`` command-line flag.
+
+    ex = Experiment("demo", additional_cli_options=[journal_option])  # python demo.py -j DIR
+    ex.observers.append(JournalObserver())                           # or attach it in code
+
+See docs/sacred.md for what is journaled when, and why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+from sacred.commandline_options import cli_option
+from sacred.observers.base import RunObserver
+from sacred.run import Run
+from sacred.serializer import flatten
+
+from eventlog.errors import JournalError
+from eventlog.events import Kind
+from eventlog.location import default_journal_dir
+from eventlog.recorder import captured_out_body, process_info
+from eventlog.writer import Durability, JournalWriter
+
+# Above every Sacred observer (theirs default to 10-40): the journal is written first,
+# and its run uid becomes the run's _id when no one else has set one.
+PRIORITY = 10_000
+
+log = logging.getLogger(__name__)
+
+
+class JournalObserver(RunObserver):
+    """Journals every event Sacred hands its observers (docs/events.md), one writer per run."""
+
+    priority = PRIORITY
+
+    def __init__(self, journal_dir: str | os.PathLike | None = None, durability: Durability = Durability()):
+        self.journal_dir = default_journal_dir() if journal_dir is None else Path(journal_dir)
+        self.durability = durability
+        self._writer: JournalWriter | None = None
+        self._journaled_out = ""
+        self._metrics_hooked = False
+
+    @property
+    def run_uid(self) -> str | None:
+        """The uid of the run being journaled (or last journaled)."""
+        return self._writer.run if self._writer else None
+
+    def queued_event(self, ex_info, command, host_info, queue_time, config, meta_info, _id):
+        run_id = self._begin(Kind.QUEUED, _id, ex_info, command, host_info, config, meta_info, queue_time=queue_time)
+        self._writer.close()  # Sacred's queue-only mode emits nothing after queued
+        return run_id
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        run_id = self._begin(Kind.STARTED, _id, ex_info, command, host_info, config, meta_info, start_time=start_time)
+        self._metrics_hooked = _hook_metrics(self._journal_metric)
+        return run_id
+
+    def heartbeat_event(self, info, captured_out, beat_time, result):
+        try:
+            body = {"beat_time": beat_time, "info": _flat(info), "result": _flat(result)}
+        except RuntimeError:
+            # The experiment changed info while this (heartbeat) thread read it. Skip this
+            # beat: raising would make Sacred drop the observer for the rest of the run.
+            return
+        self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, captured_out)})
+        self._journaled_out = captured_out
+
+    def log_metrics(self, metrics_by_name, info):
+        if self._metrics_hooked:
+            return  # every point was journaled when it was logged
+        # Fallback when started_event could not find the Run (called from outside Sacred's
+        # Run): journal the points Sacred hands over at the heartbeat.
+        for name, series in metrics_by_name.items():
+            for step, value, timestamp in zip(series["steps"], series["values"], series["timestamps"]):
+                self._writer.append(Kind.METRICS, _metric_body(name, step, value, timestamp))
+
+    def resource_event(self, filename):
+        self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
+
+    def artifact_event(self, name, filename, metadata=None, content_type=None):
+        stored = self._writer.store_file(filename)  # before the event: the file may go away next
+        body = {"name": name, "filename": filename, **stored, "metadata": _flat(metadata)}
+        self._writer.append(Kind.ARTIFACT, {**body, "content_type": content_type})
+
+    def completed_event(self, stop_time, result):
+        self._end(Kind.COMPLETED, {"stop_time": stop_time, "result": _flat(result)})
+
+    def interrupted_event(self, interrupt_time, status):
+        self._end(Kind.INTERRUPTED, {"interrupt_time": interrupt_time, "status": status})
+
+    def failed_event(self, fail_time, fail_trace):
+        self._end(Kind.FAILED, {"fail_time": fail_time, "fail_trace": list(fail_trace)})
+
+    def _begin(self, kind, _id, ex_info, command, host_info, config, meta_info, **when) -> str:
+        """Open the run's journal and write its first event; return the run's _id."""
+        self._writer = None
+        writer = JournalWriter.create(self.journal_dir, durability=self.durability)
+        try:
+            sources = [
+                {"name": name, **writer.store_file(os.path.join(ex_info["base_dir"], name))}
+                for name, _ in ex_info["sources"]
+            ]
+            body = {
+                "ex_info": _flat(ex_info),
+                "command": command,
+                "host_info": _flat(host_info),
+                **when,
+                "config": _flat(config),
+                "meta_info": _flat(meta_info),
+                "sources": sources,
+            }
+            if kind is Kind.STARTED:
+                body["process"] = process_info()
+            if _id is not None:
+                body["sacred_id"] = _id  # set by --id or a higher-priority observer
+            writer.append(kind, body)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+        self._journaled_out = ""
+        return writer.run if _id is None else _id
+
+    def _end(self, kind: Kind, body: dict) -> None:
+        if self._writer is None:
+            return  # the run failed before its journal could be opened; nothing to end
+        try:
+            self._writer.append(kind, body)
+        finally:
+            self._writer.close()
+
+    def _journal_metric(self, entry) -> None:
+        self._writer.append(Kind.METRICS, _metric_body(entry.name, entry.step, entry.value, entry.timestamp))
+
+
+@cli_option("-j", "--journal")
+def journal_option(args, run):
+    """Journal this run into the directory given (runrelay's crash-safe journal)."""
+    run.observers.append(JournalObserver(args))
+
+
+class _JournalingQueue(queue.Queue):
+    """Sacred's queue of logged metrics, journaling each entry as it is put.
+
+    Sacred's observers only see metrics at the next heartbeat (10 s by default), so a
+    ``kill -9`` or power loss drops everything logged since the last beat. Journaling in
+    ``put`` means a point is in the journal when ``log_scalar`` returns; the entry is still
+    queued so the other observers get it at the heartbeat as before.
+    """
+
+    def __init__(self, journal):
+        super().__init__()
+        self.journals = [journal]  # one per JournalObserver of the run
+        self._order = threading.Lock()  # journal order == queue order across threads
+
+    def put(self, item, block=True, timeout=None):
+        with self._order:
+            for journal in self.journals:
+                try:
+                    journal(item)
+                except JournalError as error:  # like Sacred: a failing observer never ends the run
+                    log.warning("metric %s not journaled: %s", item.name, error)
+            super().put(item, block, timeout)
+
+
+def _hook_metrics(journal) -> bool:
+    """Make the current Sacred Run journal metrics as they are logged; False if no Run.
+
+    ``started_event`` is called by ``Run._emit_started``, so the Run is ``self`` of a
+    calling frame; its metrics logger has only the queue Sacred drains at heartbeats.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        run = frame.f_locals.get("self")
+        if isinstance(run, Run):
+            metrics = run._metrics
+            if isinstance(metrics._logged_metrics, _JournalingQueue):
+                metrics._logged_metrics.journals.append(journal)
+            else:
+                metrics._logged_metrics = _JournalingQueue(journal)  # empty: main has not run yet
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _metric_body(name, step, value, timestamp) -> dict:
+    # Sacred's FileStorageObserver stores flatten(value); plain numbers (nearly every point)
+    # are already in that form, and flatten is slow.
+    value = value if type(value) in (int, float) else _flat(value)
+    return {"name": name, "step": step, "value": value, "timestamp": timestamp}
+
+
+def _flat(value):
+    """Sacred's ``flatten`` form (what its observers store), except that datetimes stay
+    datetimes (the journal keeps their type). ``flatten`` builds new objects, so nothing
+    journaled aliases Sacred's dicts, which it mutates in place."""
+    return _keep_datetimes(value, flatten(value))
+
+
+def _keep_datetimes(original, flat):
+    """Put back the datetimes found in ``original`` where ``flatten`` encoded them.
+
+    Walking both side by side keeps ``flatten``'s own output everywhere else (references
+    to shared objects, escaped keys); only plain dicts, lists and tuples are entered.
+    """
+    if type(original) is dt.datetime:
+        return original if isinstance(flat, dict) and flat.get("py/object") == "datetime.datetime" else flat
+    if type(original) is dict and type(flat) is dict:
+        return {key: _keep_datetimes(original[key], value) if key in original else value for key, value in flat.items()}
+    if type(original) is tuple and type(flat) is dict and "py/tuple" in flat:
+        return {"py/tuple": _keep_datetimes(list(original), flat["py/tuple"])}
+    if type(original) is list and type(flat) is list and len(original) == len(flat):
+        return [_keep_datetimes(item, value) for item, value in zip(original, flat)]
+    return flat
