@@ -8,7 +8,7 @@ of a state it folded before and get the same answer as folding everything once.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from eventlog.events import Event, Kind
@@ -49,6 +49,19 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.status not in (None, "QUEUED", "RUNNING")
+
+
+def snapshot(state: RunState) -> dict:
+    """The state as plain data (for ``eventlog.codec``), without metric history."""
+    return {f.name: getattr(state, f.name) for f in fields(RunState) if f.name not in ("metrics", "track_metrics")}
+
+
+def from_snapshot(data: dict) -> RunState:
+    """The state ``snapshot`` saved, with ``track_metrics`` off; unknown keys are an error."""
+    names = {f.name for f in fields(RunState)} - {"metrics", "track_metrics"}
+    if not isinstance(data, dict) or set(data) != names:
+        raise ValueError("not a run state snapshot")
+    return RunState(**data, track_metrics=False)
 
 
 def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:

@@ -1,0 +1,272 @@
+"""`runrelay daemon` as a real process, every command's --help, user errors, and the demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from daemon.state import StateStore
+from eventlog.events import Kind
+from eventlog.writer import JournalWriter
+from sinks.base import redact
+
+WAIT_SECONDS = 60.0  # a generous bound for things that take milliseconds; never asserted on
+POLL_SECONDS = 0.02
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def runrelay(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          env={**ENV, "RUNRELAY_HOME": str(home), **env}, timeout=WAIT_SECONDS)
+
+
+class Daemon:
+    """`runrelay daemon` in a subprocess, started once it tells systemd's notify socket READY=1."""
+
+    def __init__(self, journal: Path, state: Path, *sinks: str, **env: str):
+        command = [sys.executable, "-m", "daemon.cli", "daemon", "--journal", str(journal), "--state", str(state)]
+        for url in sinks:
+            command += ["--sink", url]
+        self.notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = state.parent / f"notify-{time.monotonic_ns()}.sock"
+        self.notifications.bind(str(address))
+        self.notifications.settimeout(WAIT_SECONDS)
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={
+            **ENV, "RUNRELAY_HOME": str(state.parent), "NOTIFY_SOCKET": str(address), **env})
+        self.pid = self.process.pid
+        try:
+            ready = self.notification()
+        except OSError:  # never got ready: say why, leave nothing running
+            self.process.kill()
+            raise AssertionError(f"the daemon did not start: {self.process.communicate()[1]}") from None
+        assert ready.startswith("READY=1\nSTATUS=delivering to")
+
+    def notification(self) -> str:
+        return self.notifications.recv(4096).decode()
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; returns the exit code and stderr, and checks that systemd heard STOPPING=1."""
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=WAIT_SECONDS)
+        self.notifications.setblocking(False)
+        heard = []
+        while True:
+            try:
+                heard.append(self.notification())
+            except BlockingIOError:
+                break
+        self.notifications.close()
+        assert "STOPPING=1" in heard
+        return self.process.returncode, stderr
+
+
+def wait_for(check, what: str):
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except sqlite3.OperationalError:  # the sink has not created its tables yet
+            result = None
+        if result:
+            return result
+        time.sleep(POLL_SECONDS)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def points(database: Path) -> int:
+    with sqlite3.connect(database) as db:
+        return db.execute("SELECT count(*) FROM metric").fetchone()[0]
+
+
+def write_points(writer: JournalWriter, first: int, count: int) -> None:
+    for step in range(first, first + count):
+        writer.append(Kind.METRICS, {"name": "loss", "step": step, "value": 0.5, "timestamp": None})
+
+
+def test_sigterm_finishes_saves_cursors_and_exits_0(tmp_path):
+    journal, state, database = tmp_path / "journal", tmp_path / "state", tmp_path / "runs.sqlite"
+    daemon = Daemon(journal, state, f"sqlite:///{database}")
+    try:
+        with JournalWriter.create(journal) as writer:  # a live run, appended while the daemon runs
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            write_points(writer, 0, 100)
+            wait_for(lambda: points(database) == 100, "the live run's points")
+            write_points(writer, 100, 50)
+            writer.append(Kind.COMPLETED, {"result": 1})
+            run = writer.run
+        wait_for(lambda: points(database) == 150, "the rest of the run")
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+    assert "stopping (signal SIGTERM)" in stderr and "stopped; cursors saved" in stderr
+    store = StateStore.open(state)
+    cursor = store.cursors(f"sqlite:///{database}")[run]
+    store.close()
+    assert (cursor.position.seq, cursor.done) == (152, True)
+
+    again = Daemon(journal, state, f"sqlite:///{database}")  # a restart delivers only what is new
+    try:
+        with JournalWriter.create(journal) as writer:
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            write_points(writer, 0, 10)
+            writer.append(Kind.COMPLETED, {"result": 2})
+        wait_for(lambda: points(database) == 160, "the second run")
+    finally:
+        code, stderr = again.stop()
+    assert code == 0, stderr
+    assert points(database) == 160
+
+
+def test_a_dead_sink_does_not_hold_up_another_and_shutdown_is_not_held_by_retries(tmp_path):
+    journal, state, database = tmp_path / "journal", tmp_path / "state", tmp_path / "runs.sqlite"
+    dead = "postgresql+psycopg://relay:hunter2@127.0.0.1:9/runs"
+    daemon = Daemon(journal, state, dead, f"sqlite:///{database}", RUNRELAY_RETRY_MAX_SECONDS="300")
+    try:
+        with JournalWriter.create(journal) as writer:
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            write_points(writer, 0, 20)
+            writer.append(Kind.COMPLETED, {"result": 1})
+        wait_for(lambda: points(database) == 20, "the healthy sink")
+        status = runrelay("status", "--json", "--journal", str(journal), "--state", str(state), "--sink", dead,
+                          home=tmp_path)
+        report = json.loads(status.stdout)
+        assert report["daemon_pid"] == daemon.pid
+        [sink] = report["sinks"]
+        assert sink["sink"] == "postgresql+psycopg://relay:***@127.0.0.1:9/runs"
+        assert sink["pending_events"] == 22
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+    assert stderr.count("is failing, retrying with backoff") == 1
+    assert "hunter2" not in stderr
+
+
+def test_a_sink_outage_is_retried_and_logged_once_each_way(tmp_path, postgres_server, postgres_url):
+    journal, state = tmp_path / "journal", tmp_path / "state"
+    database = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def pg_points() -> int:
+        with psycopg.connect(database) as db:
+            return db.execute("SELECT count(*) FROM metric").fetchone()[0]
+
+    def failing_since():
+        store = StateStore.open_readonly(state)
+        try:
+            return store.health(redact(postgres_url)).failing_since
+        finally:
+            store.close()
+
+    def pg_run(count: int) -> None:
+        with JournalWriter.create(journal) as writer:
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            write_points(writer, 0, count)
+            writer.append(Kind.COMPLETED, {"result": 1})
+
+    daemon = Daemon(journal, state, postgres_url, RUNRELAY_RETRY_INITIAL_SECONDS="0.05",
+                    RUNRELAY_RETRY_MAX_SECONDS="0.5", RUNRELAY_RETRY_JITTER_SECONDS="0.05")
+    try:
+        pg_run(30)
+        wait_for(lambda: _quietly(pg_points) == 30, "delivery before the outage")
+        postgres_server.kill()
+        pg_run(40)  # written while the database is down
+        wait_for(failing_since, "the daemon to notice the outage")
+        postgres_server.start()
+        wait_for(lambda: _quietly(pg_points) == 70, "delivery after the outage")
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+    assert stderr.count("is failing, retrying with backoff") == 1
+    assert stderr.count("recovered after") == 1
+    assert pg_points() == 70
+
+
+def _quietly(query):
+    """The query's answer, or None while the server is down or the sink's tables are not made yet."""
+    try:
+        return query()
+    except (psycopg.OperationalError, psycopg.errors.UndefinedTable):
+        return None
+
+
+def test_a_second_delivering_process_is_refused(tmp_path):
+    journal, state = tmp_path / "journal", tmp_path / "state"
+    daemon = Daemon(journal, state, f"sqlite:///{tmp_path / 'runs.sqlite'}")
+    try:
+        second = runrelay("sync", "--journal", str(journal), "--state", str(state), home=tmp_path)
+        assert second.returncode == 2
+        assert f"another runrelay (pid {daemon.pid}) is delivering" in second.stderr
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+
+
+def test_systemd_hears_watchdog_pings(tmp_path):
+    daemon = Daemon(tmp_path / "journal", tmp_path / "state", f"sqlite:///{tmp_path / 'runs.sqlite'}",
+                    WATCHDOG_USEC="100000")
+    try:
+        assert daemon.notification() == "WATCHDOG=1"
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+
+
+def test_a_sink_that_cannot_be_used_stops_the_daemon_loudly(tmp_path):
+    (tmp_path / "a-file").touch()
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "daemon", "--journal", str(tmp_path / "journal"),
+         "--state", str(tmp_path / "state"), "--sink", f"sqlite:///{tmp_path / 'a-file' / 'runs.sqlite'}"],
+        capture_output=True, text=True, env={**ENV, "RUNRELAY_HOME": str(tmp_path)}, timeout=WAIT_SECONDS,
+    )
+    assert result.returncode == 1
+    assert "failed: cannot be used: SqlSink(" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+COMMANDS = [
+    [], ["daemon"], ["sync"], ["status"], ["dlq"], ["dlq", "list"], ["dlq", "retry"], ["dlq", "drop"], ["demo"],
+    ["journal"], ["journal", "ls"], ["journal", "cat"], ["journal", "verify"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command) or "runrelay")
+def test_every_command_has_help_with_an_example(command, tmp_path):
+    result = runrelay(*command, "--help", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    if command != ["journal"]:  # daemon/journal_cli.py's group: its subcommands carry the examples
+        assert "example" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sync", "--sink", "redis://localhost/0"], "no sink for 'redis://localhost/0' (known schemes:"),
+    (["sync", "--journal", "/etc/hostname"], "the journal /etc/hostname is not a directory"),
+    (["status", "--journal", "/nonexistent/journal"], "no journal at /nonexistent/journal"),
+    (["dlq", "retry", "--all", "7"], "give dead letter ids or --all"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
+    result = runrelay(*args, home=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_demo_runs(tmp_path):
+    result = runrelay("demo", "--dir", str(tmp_path / "demo"), home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[2], row[3]) for row in rows] == [("COMPLETED", "50"), ("FAILED", "50"), ("RUNNING", "50")]
+    assert "dead-run watchdog" in result.stdout
+    assert str(tmp_path / "demo" / "runs.sqlite") in result.stdout
+
+    again = runrelay("demo", "--dir", str(tmp_path / "demo"), home=tmp_path)
+    assert again.returncode == 2
+    assert "is not empty" in again.stderr

@@ -1,0 +1,66 @@
+"""`runrelay journal ls|cat|verify` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from eventlog import JournalWriter, Kind
+
+RUNRELAY = str(Path(sys.executable).parent / "runrelay")
+FIXTURES = Path(__file__).parent / "fixtures" / "journal"
+FIXTURE_RUN = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"
+
+
+def runrelay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RUNRELAY, *args], capture_output=True, text=True, timeout=60)
+
+
+def make_run(journal_dir) -> str:
+    with JournalWriter.create(journal_dir) as writer:
+        writer.append(Kind.STARTED, {"config": {"lr": 0.1}})
+        writer.append(Kind.METRICS, {"name": "loss", "step": 0, "value": math.nan, "timestamp": None})
+        writer.append(Kind.COMPLETED, {"result": 3})
+    return writer.run
+
+
+def test_cat_prints_one_json_object_per_event(journal_dir):
+    run = make_run(journal_dir)
+    done = runrelay("journal", "cat", run[:13], "--journal", str(journal_dir))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["seq"], e["kind"]) for e in lines] == [(0, "started"), (1, "metrics"), (2, "completed")]
+    assert set(lines[0]) == {"run", "seq", "kind", "time", "body"} and lines[0]["run"] == run
+    assert lines[0]["time"].endswith("+00:00") and math.isnan(lines[1]["body"]["value"])
+
+
+def test_ls_lists_runs_with_status(journal_dir):
+    run = make_run(journal_dir)
+    done = runrelay("journal", "ls", "--json", "--journal", str(journal_dir))
+    assert json.loads(done.stdout) == {"run": run, "status": "COMPLETED", "events": 3, "journal": "ok"}
+
+
+def test_verify_passes_a_torn_tail_and_fails_corruption(tmp_path):
+    for case, code in [("clean", 0), ("torn_payload", 0), ("flipped_payload_middle", 1)]:
+        shutil.copytree(FIXTURES / case, tmp_path / case)
+        done = runrelay("journal", "verify", "--journal", str(tmp_path / case))
+        assert done.returncode == code, (case, done.stdout, done.stderr)
+    assert "torn tail" in runrelay("journal", "verify", "--journal", str(tmp_path / "torn_payload")).stdout
+    corrupt = runrelay("journal", "verify", FIXTURE_RUN, "--journal", str(tmp_path / "flipped_payload_middle"))
+    assert "CORRUPT" in corrupt.stdout and "00000000000000000000.seg byte 449" in corrupt.stdout
+
+
+def test_unknown_run_is_one_line_and_exit_2(journal_dir):
+    make_run(journal_dir)
+    done = runrelay("journal", "cat", "ffff", "--journal", str(journal_dir))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no run matching" in done.stderr
+
+
+def test_journal_help_explains():
+    for command in ("ls", "cat", "verify"):
+        done = runrelay("journal", command, "--help")
+        assert done.returncode == 0 and "example:" in done.stdout
