@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from eventlog.location import default_journal_dir
+from eventlog.location import default_journal_dir, runrelay_home
 from sinks.base import redact
 from sinks.registry import schemes
 
@@ -178,8 +178,7 @@ def env_name(key: str) -> str:
 
 
 def home_dir(environ: Mapping[str, str]) -> Path:
-    """``$RUNRELAY_HOME``, else the directory that holds the default journal."""
-    return default_journal_dir(environ).parent
+    return runrelay_home(environ)
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:

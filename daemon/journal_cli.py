@@ -74,7 +74,7 @@ def _add_location(parser: argparse.ArgumentParser) -> None:
         "--journal",
         type=Path,
         metavar="DIR",
-        help="journal directory (default: $RUNRELAY_HOME/journal, else ~/.local/share/runrelay/journal)",
+        help="journal directory (default: $RUNRELAY_JOURNAL, else $RUNRELAY_HOME/journal, else ~/.local/share/runrelay/journal)",
     )
 
 

@@ -195,3 +195,17 @@ def test_follow_yields_live_events_until_the_run_ends(journal_dir):
     kinds = [e.kind for e in Journal(journal_dir).follow(writer.run, poll_seconds=0.01)]
     thread.join()
     assert kinds[0] is Kind.STARTED and kinds[-1] is Kind.COMPLETED and len(kinds) == 22
+
+
+def test_producers_and_the_daemon_share_one_journal_location_rule(tmp_path):
+    from daemon.config import load
+    from eventlog.location import default_journal_dir
+
+    cases = [
+        ({"RUNRELAY_JOURNAL": str(tmp_path / "j"), "RUNRELAY_HOME": str(tmp_path / "h")}, tmp_path / "j"),
+        ({"RUNRELAY_HOME": str(tmp_path / "h")}, tmp_path / "h" / "journal"),
+        ({"XDG_DATA_HOME": str(tmp_path / "x")}, tmp_path / "x" / "runrelay" / "journal"),
+    ]
+    for environ, expected in cases:
+        assert default_journal_dir(environ) == expected
+        assert load(None, {}, environ=environ).journal == expected
