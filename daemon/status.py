@@ -50,16 +50,15 @@ def sink_status(
             status.last_error = cursor.last_error
         if cursor.done:
             continue
-        count = 0
         try:
-            for event, _ in journal.read(run, cursor.position):
-                if count == 0 and (oldest is None or event.time < oldest):
-                    oldest = event.time
-                count += 1
-        except JournalCorrupt as corrupt:
-            status.corrupt_runs[run] = str(corrupt)
+            count, corrupt = journal.count(run, cursor.position)
+            first = next(iter(journal.events(run, cursor.position)), None) if count else None
         except UnknownRun:
             continue
+        if corrupt:
+            status.corrupt_runs[run] = str(corrupt)
+        if first is not None and (oldest is None or first.time < oldest):
+            oldest = first.time
         if count:
             status.pending_events += count
             status.pending_runs += 1

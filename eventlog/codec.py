@@ -44,7 +44,7 @@ def _decode_extra(code: int, data: bytes) -> Any:
     if code != _DATETIME or len(data) != _DATETIME_LAYOUT.size:
         raise ValueError(f"unknown extension type {code} in journal payload")
     micros, marker = _DATETIME_LAYOUT.unpack(data)
-    naive = _EPOCH + dt.timedelta(microseconds=micros)
+    naive = _EPOCH + _MICROSECOND * micros
     if marker == _NAIVE:
         return naive
     offset = dt.timedelta(seconds=marker)

@@ -86,8 +86,13 @@ def check_run_uid(text: str) -> str:
     return text
 
 
+_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
+KINDS_BY_VALUE = {kind.value: kind for kind in Kind}  # a dict lookup is ~10x cheaper than Kind(value)
+
+
 def utc_from_micros(micros: int) -> dt.datetime:
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)
+    return _EPOCH_UTC + _MICROSECOND * micros  # multiplying beats timedelta(microseconds=...) here
 
 
 def micros_now() -> int:

@@ -17,7 +17,7 @@ from typing import Iterator
 from eventlog import codec
 from eventlog.blobs import blob_path
 from eventlog.errors import JournalCorrupt, UnknownRun
-from eventlog.events import Event, Kind, check_run_uid, is_run_uid, utc_from_micros
+from eventlog.events import KINDS_BY_VALUE, Event, check_run_uid, is_run_uid, utc_from_micros
 from eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
 
 FOLLOW_POLL_SECONDS = 0.2
@@ -77,8 +77,8 @@ class Journal:
         """Yield (event, position after it) from ``start`` (a seq or a saved Position)."""
         return self._read(run, start, _Outcome())
 
-    def events(self, run: str, from_seq: int = 0) -> Iterator[Event]:
-        for event, _ in self.read(run, from_seq):
+    def events(self, run: str, start: Position | int = 0) -> Iterator[Event]:
+        for event, _ in self.read(run, start):
             yield event
 
     def verify(self, run: str) -> RunCheck:
@@ -122,7 +122,27 @@ class Journal:
             raise UnknownRun(f"no run {run} in journal {self.root}") from None
         return sorted(seq for seq in map(segment_first_seq, names) if seq is not None)
 
+    def count(self, run: str, start: Position | int = 0) -> tuple[int, JournalCorrupt | None]:
+        """How many good records follow ``start``, and the corruption that ends them if any.
+
+        Checksums are checked, payloads not decoded: cheap enough to size a backlog.
+        """
+        count = 0
+        try:
+            for count, _ in enumerate(self._records(run, start, _Outcome()), start=1):
+                pass
+        except JournalCorrupt as corrupt:
+            return count, corrupt
+        return count, None
+
     def _read(self, run: str, start: Position | int, outcome: _Outcome) -> Iterator[tuple[Event, Position]]:
+        for seq, payload, segment, offset, position in self._records(run, start, outcome):
+            yield _decode_event(run, seq, payload, segment, offset), position
+
+    def _records(
+        self, run: str, start: Position | int, outcome: _Outcome
+    ) -> Iterator[tuple[int, bytes, str, int, Position]]:
+        """(seq, payload, segment name, record offset, position after) of each good record."""
         segments = self._segments(run)
         if not segments:
             return
@@ -146,7 +166,7 @@ class Journal:
                     expected = seq + 1
                     if seq < start.seq:
                         continue
-                    yield _decode_event(run, seq, payload, name, end - len(payload)), Position(seq + 1, first, end)
+                    yield seq, payload, name, end - len(payload), Position(seq + 1, first, end)
             if scan.damage:
                 if scan.damage.torn:
                     outcome.torn = (name, scan.damage)
@@ -186,6 +206,6 @@ def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int)
         kind, micros, body = codec.decode(payload)
         if not isinstance(micros, int) or not isinstance(body, dict):
             raise ValueError("payload is not [kind, time, body]")
-        return Event(run=run, seq=seq, kind=Kind(kind), time=utc_from_micros(micros), body=body)
+        return Event(run, seq, KINDS_BY_VALUE[kind], utc_from_micros(micros), body)
     except Exception as error:  # noqa: BLE001 - any decode failure means bad bytes
         raise JournalCorrupt(run, segment, offset, f"undecodable payload: {error}") from None

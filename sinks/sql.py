@@ -402,7 +402,7 @@ class SqlSink(Sink):
     ) -> None:
         """Insert the rows ``events`` add, then update the run-row columns they own."""
         values = self._add_rows(conn, uid, run_id, events, plan)
-        columns = frozenset().union(*(plan[event.seq] for event in events))
+        columns = frozenset().union(*(plan.get(event.seq, ()) for event in events))
         values.update({column: derive(state) for column, derive in _FROM_STATE.items() if column in columns})
         if "captured_out" in columns:
             values["captured_out"] = self._captured_out(state.captured_out)
@@ -423,10 +423,11 @@ class SqlSink(Sink):
         last queued or started event, whose ids are returned for the run row."""
         ids = {}
         points = []
+        sqlite = conn.dialect.name == "sqlite"
         for event in events:
             body = event.body
             if event.kind is Kind.METRICS:
-                points.append(_metric_row(run_id, body))
+                points.append(_metric_row(run_id, body, sqlite))
             elif event.kind is Kind.ARTIFACT:
                 content = self._blob(uid, body["digest"], f"artifact {body['name']!r}")
                 conn.execute(artifact.insert().values(filename=body["name"], content=content, run_id=run_id))
@@ -435,11 +436,13 @@ class SqlSink(Sink):
                 key = {"filename": body["filename"], "md5sum": body["md5"]}
                 found = _get_or_create(conn, resource, key, lambda: {"content": self._blob(uid, body["digest"], what)})
                 conn.execute(runs_resources.insert().values(run_id=run_id, resource_id=found))
-            elif "experiment_id" in plan[event.seq]:
+            elif "experiment_id" in plan.get(event.seq, ()):
                 ids["experiment_id"] = self._experiment(conn, uid, body)
                 ids["host_id"] = _host(conn, _untuple(body.get("host_info") or {}))
         if points:
-            conn.execute(metric.insert(), points)
+            # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter
+            # processing was a quarter of the replay time for metric-heavy batches.
+            conn.exec_driver_sql(_metric_insert_sql(conn.dialect), points)
         return ids
 
     def _finish(self, conn: sa.Connection, batch: Batch, new: list[Event]) -> None:
@@ -552,13 +555,16 @@ def _state(batch: Batch) -> RunState:
 def _plan(new: list[Event], revived: bool) -> dict[int, frozenset]:
     """The run-row columns each new event writes: those its kind sets that no later event
     of the batch sets again. When the batch withdraws a stored death verdict, its first
-    event writes the status and stop time unless a later one does."""
+    event writes the status and stop time unless a later one does. Events that write no
+    column (metric points, most of a batch) are left out."""
     plan, later = {}, frozenset()
     for event in reversed(new):
-        plan[event.seq] = _SETS.get(event.kind, frozenset()) - later
-        later |= _SETS.get(event.kind, frozenset())
+        sets = _SETS.get(event.kind)
+        if sets:
+            plan[event.seq] = sets - later
+            later |= sets
     if revived:
-        plan[new[0].seq] |= _REVIVED - later
+        plan[new[0].seq] = plan.get(new[0].seq, frozenset()) | (_REVIVED - later)
     return plan
 
 
@@ -597,20 +603,33 @@ def _requirement(text: str) -> dict:
     return {"name": name, "version": version}
 
 
-def _metric_row(run_id: str, body: dict) -> dict:
+_METRIC_COLUMNS = ("run_id", "name", "step", "value", "nonfinite", "timestamp")
+
+
+def _sqlite_time(value: dt.datetime) -> str:
+    """SQLAlchemy's storage format for DateTime on SQLite (which its reader parses back),
+    made with isoformat: strftime took a fifth of the metric insert time."""
+    text = value.isoformat(" ")
+    return text if value.microsecond else text + ".000000"
+
+
+def _metric_insert_sql(dialect: sa.Dialect) -> str:
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    names = ", ".join(dialect.identifier_preparer.quote(name) for name in _METRIC_COLUMNS)
+    return f"INSERT INTO {metric.name} ({names}) VALUES ({', '.join([marker] * len(_METRIC_COLUMNS))})"
+
+
+def _metric_row(run_id: str, body: dict, sqlite: bool) -> tuple:
     value = body["value"]
     if not isinstance(value, (int, float)):
         raise ValueError(f"metric {body['name']!r}: value {value!r} is not a number")
     number = float(value)
     finite = math.isfinite(number)
-    return {
-        "run_id": run_id,
-        "name": body["name"],
-        "step": body["step"],
-        "value": number if finite else None,
-        "nonfinite": None if finite else repr(number),  # 'nan', 'inf', '-inf': float() reads them back
-        "timestamp": _naive_utc(body["timestamp"]),
-    }
+    timestamp = _naive_utc(body["timestamp"])
+    if sqlite and timestamp is not None:
+        timestamp = _sqlite_time(timestamp)
+    # a non-finite value is NULL plus 'nan', 'inf' or '-inf', which float() reads back
+    return run_id, body["name"], body["step"], number if finite else None, None if finite else repr(number), timestamp
 
 
 def _finite(value: Any) -> float | None:
