@@ -214,6 +214,14 @@ class SinkWorker:
         sink's commit and the cursor save); events it holds are folded, not re-sent.
         """
         applied = self._send(lambda: self.sink.applied(run), stop)
+        if applied + 1 < known.cursor.position.seq and not known.cursor.dead_lettered:
+            # Nothing was dead-lettered, so the sink lost events it had committed (restored
+            # from a backup, a failover to a lagging replica): it is the truth, deliver again.
+            log.warning("sink %s holds run %s only through seq %d, the cursor was at %d: the sink lost data; "
+                        "delivering again from seq %d", self.key, run, applied, known.cursor.position.seq,
+                        applied + 1)
+            known.cursor.position = Position(seq=applied + 1)
+            self.store.rewind_cursor(self.key, run, known.cursor)
         target = max(known.cursor.position.seq, applied + 1)
         known.state = self._restore(run, target)
         if known.state is not None:

@@ -121,6 +121,16 @@ class StateStore:
                  cursor.last_error, time.time(), snapshot),
             )
 
+    def rewind_cursor(self, sink: str, run: str, cursor: Cursor) -> None:
+        """Move a cursor back (the sink lost data it had): the one exception to never moving back."""
+        position = cursor.position
+        with self._lock:
+            self._db.execute(
+                "UPDATE cursors SET seq = ?, segment = ?, byte = ?, done = 0, snapshot = NULL, updated = ? "
+                "WHERE sink = ? AND run = ?",
+                (position.seq, position.segment, position.offset, time.time(), sink, run),
+            )
+
     def snapshot(self, sink: str, run: str) -> bytes | None:
         with self._lock:
             row = self._db.execute("SELECT snapshot FROM cursors WHERE sink = ? AND run = ?", (sink, run)).fetchone()

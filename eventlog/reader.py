@@ -147,8 +147,8 @@ class Journal:
         if not segments:
             return
         if isinstance(start, int):
-            start = Position(seq=start, segment=_segment_holding(segments, start), offset=0)
-        elif start.segment not in segments:
+            start = Position(seq=start)
+        if start.offset == 0 or start.segment not in segments:  # only a seq to go by
             start = Position(seq=start.seq, segment=_segment_holding(segments, start.seq), offset=0)
         run_dir = self.run_dir(run)
         first_index = segments.index(start.segment)

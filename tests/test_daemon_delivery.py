@@ -330,3 +330,26 @@ def test_a_restarted_sync_resumes_a_live_run_from_its_saved_state(place):
     assert place.points(writer.run) == 30
     assert place.query("SELECT captured_out FROM run JOIN runrelay_run USING (run_id) WHERE uid = ?",
                        writer.run) == [("hello\nworld\n",)]
+
+
+def test_a_sink_that_lost_committed_events_is_refilled(place):
+    """The sink is the truth: restored from an older backup, it gets its lost events again."""
+    with JournalWriter.create(place.journal) as writer:
+        writer.append(Kind.STARTED, {"config": {}, "command": "main", "start_time": START})
+        for step in range(10):
+            writer.append(Kind.METRICS, _point("loss", step))
+        assert place.sync().returncode == 0
+        backup = place.database.read_bytes()
+        for step in range(10, 20):
+            writer.append(Kind.METRICS, _point("loss", step))
+        assert place.sync().returncode == 0
+        place.database.write_bytes(backup)  # synced SQLite (WAL checkpointed on close): the whole database
+        for leftover in place.root.glob("runs.sqlite-*"):
+            leftover.unlink()
+        writer.append(Kind.COMPLETED, {"stop_time": START, "result": 1.0})
+
+    refilled = place.sync()
+    assert refilled.returncode == 0, refilled.stderr
+    assert "the sink lost data" in refilled.stderr
+    assert place.points(writer.run) == 20
+    assert place.status_of(writer.run) == "COMPLETED"
