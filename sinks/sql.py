@@ -440,9 +440,7 @@ class SqlSink(Sink):
                 ids["experiment_id"] = self._experiment(conn, uid, body)
                 ids["host_id"] = _host(conn, _untuple(body.get("host_info") or {}))
         if points:
-            # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter
-            # processing was a quarter of the replay time for metric-heavy batches.
-            conn.exec_driver_sql(_metric_insert_sql(conn.dialect), points)
+            _insert_points(conn, points)
         return ids
 
     def _finish(self, conn: sa.Connection, batch: Batch, new: list[Event]) -> None:
@@ -611,6 +609,22 @@ def _sqlite_time(value: dt.datetime) -> str:
     made with isoformat: strftime took a fifth of the metric insert time."""
     text = value.isoformat(" ")
     return text if value.microsecond else text + ".000000"
+
+
+def _insert_points(conn: sa.Connection, points: list[tuple]) -> None:
+    """Metric rows straight through the driver, in the batch's transaction: SQLAlchemy's
+    per-row parameter processing was a quarter of the replay time for metric batches."""
+    if conn.dialect.name == "postgresql":
+        statement = f"COPY {metric.name} ({', '.join(_METRIC_COLUMNS)}) FROM STDIN"
+        driver_error = conn.dialect.loaded_dbapi.Error
+        try:
+            with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+                for point in points:
+                    copy.write_row(point)
+        except driver_error as error:  # raw driver errors: wrap them as SQLAlchemy would
+            raise sa.exc.DBAPIError.instance(statement, None, error, driver_error, dialect=conn.dialect) from None
+    else:
+        conn.exec_driver_sql(_metric_insert_sql(conn.dialect), points)
 
 
 def _metric_insert_sql(dialect: sa.Dialect) -> str:

@@ -372,6 +372,20 @@ def test_a_value_too_long_for_its_column_names_its_event(sink, url, journal, fil
     assert run_row(url, run).status == "COMPLETED"
 
 
+def test_a_metric_name_too_long_for_its_column_names_its_event(sink, url, journal, files):
+    """Metric points go through the driver directly (COPY on PostgreSQL): its errors are classified too."""
+    run = write_run(journal, [started(files), point("loss", 0, 0.5, 1), point("n" * 300, 1, 0.5, 2),
+                              point("loss", 2, 0.25, 3)])
+    if url.startswith("sqlite"):  # SQLite does not enforce VARCHAR lengths
+        sink.apply(everything(journal, run))
+        return
+    with pytest.raises(PermanentSinkError) as caught:
+        sink.apply(everything(journal, run))
+    assert caught.value.seq == 2
+    sink.apply(without(everything(journal, run), 2))
+    assert sorted(step for _, step, *_ in metric_values(url, run_row(url, run).run_id)) == [0, 2]
+
+
 def test_an_artifact_too_large_for_the_database_is_permanent(url, journal, files, monkeypatch):
     monkeypatch.setattr(sql, "DEFAULT_MAX_VALUE_BYTES", 64 * 1024)
     big = files / "big.bin"
