@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from daemon import delivery, service  # noqa: E402
-from daemon.config import load  # noqa: E402
+from daemon.config import DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
 from eventlog import JournalWriter, Kind  # noqa: E402
 
 RUNRELAY = Path(sys.executable).parent / "runrelay"
@@ -487,7 +487,7 @@ def main() -> None:
 
         print(f"\n(b) lag append -> committed in SQLite, producer at {args.lag_rate:,} events/s "
               f"for {args.lag_seconds:.0f} s, `runrelay daemon` running")
-        bench_lag(root / "lag-default", args.lag_seconds, args.lag_rate, "default (batch_wait_seconds 0.1)")
+        bench_lag(root / "lag-default", args.lag_seconds, args.lag_rate, f"default (batch_wait_seconds {DEFAULT_BATCH_WAIT_SECONDS})")
         bench_lag(root / "lag-nowait", args.lag_seconds, args.lag_rate, "batch_wait_seconds 0",
                   RUNRELAY_DELIVERY_BATCH_WAIT_SECONDS="0")
 
