@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 
 from daemon.state import Cursor, Health
-from eventlog.errors import JournalCorrupt, UnknownRun
+from eventlog.errors import UnknownRun
 from eventlog.reader import Journal
 
 

@@ -59,18 +59,22 @@ def read_with_sacred(database: Path) -> dict:
     return document
 
 
-@pytest.mark.parametrize("mode", ["complete", "fail", "interrupt", "timeout"])
-def test_sacreds_reader_sees_the_same_run_in_both_databases(mode, journal_dir, tmp_path):
-    sacred_db, our_db = tmp_path / "sacred.db", tmp_path / "runrelay.db"
-    finished = observe(mode, journal_dir, sacred_db)
-    assert (finished.returncode == 0) == (mode == "complete"), finished.stderr
+def replay_into(journal_dir, database) -> None:
     journal = Journal(journal_dir)
-    sink = SqlSink(f"sqlite:///{our_db}", journal.blob)
+    sink = SqlSink(f"sqlite:///{database}", journal.blob)
     sink.open()
     try:
         replay(journal, sink)
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("mode", ["complete", "fail", "interrupt", "timeout"])
+def test_sacreds_reader_sees_the_same_run_in_both_databases(mode, journal_dir, tmp_path):
+    sacred_db, our_db = tmp_path / "sacred.db", tmp_path / "runrelay.db"
+    finished = observe(mode, journal_dir, sacred_db)
+    assert (finished.returncode == 0) == (mode == "complete"), finished.stderr
+    replay_into(journal_dir, our_db)
 
     theirs, ours = read_with_sacred(sacred_db), read_with_sacred(our_db)
     assert ours.keys() == theirs.keys()
@@ -85,13 +89,7 @@ def test_a_custom_status_is_beyond_sacreds_reader_for_both(journal_dir, tmp_path
     same way for the run Sacred stored itself and for ours (docs/compatibility.md)."""
     sacred_db, our_db = tmp_path / "sacred.db", tmp_path / "runrelay.db"
     assert observe("custom", journal_dir, sacred_db).returncode != 0
-    journal = Journal(journal_dir)
-    sink = SqlSink(f"sqlite:///{our_db}", journal.blob)
-    sink.open()
-    try:
-        replay(journal, sink)
-    finally:
-        sink.close()
+    replay_into(journal_dir, our_db)
     for database in (sacred_db, our_db):
         with pytest.raises(LookupError, match="PREEMPTED"):
             read_with_sacred(database)

@@ -300,6 +300,17 @@ def test_run_ids_follow_sacreds_rule_and_are_given_once(sink, url, journal, file
     assert [sink.applied(run) for run in runs] == [0, 0, 0]
 
 
+def in_threads(function, sinks: list) -> None:
+    """Call ``function(sink)`` for every sink at once, one thread each; then close the sinks."""
+    threads = [threading.Thread(target=function, args=(sink,)) for sink in sinks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sink in sinks:
+        sink.close()
+
+
 def test_runs_created_at_once_by_two_writers_get_distinct_ids(url, journal, files):
     runs = [write_run(journal, lifecycle(files)) for _ in range(8)]
     sinks = [sql.SqlSink(url, journal.blob) for _ in range(2)]
@@ -318,13 +329,7 @@ def test_runs_created_at_once_by_two_writers_get_distinct_ids(url, journal, file
                 except TransientSinkError as error:
                     races.append(error)
 
-    threads = [threading.Thread(target=deliver, args=(sink,)) for sink in sinks]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for sink in sinks:
-        sink.close()
+    in_threads(deliver, sinks)
     rows = query(url, sa.select(sql.runrelay_run.c.uid, sql.runrelay_run.c.run_id))
     assert sorted(uid for uid, _ in rows) == sorted(runs)
     assert len({run_id for _, run_id in rows}) == len(runs) == len(query(url, sa.select(sql.run)))
@@ -478,13 +483,7 @@ def test_two_sinks_opening_at_once_both_succeed(url, journal):
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=open_one, args=(sink,)) for sink in sinks]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for sink in sinks:
-        sink.close()
+    in_threads(open_one, sinks)
     assert errors == []
     assert set(dump(url)) == {table.name for table in sql.metadata.sorted_tables}
 
