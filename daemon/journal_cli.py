@@ -25,6 +25,7 @@ def add_journal_commands(subparsers) -> None:
         "journal",
         help="list, print and verify journaled runs",
         description="Read the local journal directly (no sink, no daemon needed).",
+        epilog="example: runrelay journal ls && runrelay journal verify",
     )
     commands = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
 
