@@ -27,7 +27,7 @@ from daemon.supervisor import LoopFailed
 from eventlog.errors import JournalCorrupt, UnknownRun
 from eventlog.events import Event, Kind
 from eventlog import codec
-from eventlog.fold import RunState, fold, fold_event, from_snapshot, snapshot
+from eventlog.fold import MalformedEvent, RunState, fold, fold_event, from_snapshot, snapshot
 from eventlog.reader import Journal, Position
 from sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError
 
@@ -57,15 +57,21 @@ def apply_isolating(
     through what was applied.
     """
     remaining = list(events)
+    state = state_before
     while remaining:
-        state = fold(remaining, copy.deepcopy(state_before))
         try:
+            state = fold(remaining, copy.deepcopy(state_before))
             send(lambda: sink.apply(Batch(run, tuple(remaining), state, redelivery)))
-            return state
-        except PermanentSinkError as error:
+            break
+        except (PermanentSinkError, MalformedEvent) as error:  # a malformed body is refused like a bad value
             index = next((i for i, event in enumerate(remaining) if event.seq == error.seq), 0)
             refuse(remaining.pop(index), str(error))
-    return state_before
+            state = state_before
+    if not remaining:
+        state = copy.deepcopy(state_before)
+    # Folded through the whole batch, refused events left out: the saved snapshot fits the cursor.
+    state.last_seq = max(state.last_seq, events[-1].seq)
+    return state
 
 
 @dataclass
@@ -229,14 +235,17 @@ class SinkWorker:
         state = RunState(run, track_metrics=self.sink.wants_metric_history)
         position, last = Position(), None
         if target > 0:
+            refused = self.letters.seqs(run)
             reader = self.journal.read(run, 0)
             try:
                 for last, position in reader:
-                    fold_event(state, last)
+                    if last.seq not in refused:  # as apply_isolating folded them: without
+                        fold_event(state, last)
                     if last.seq + 1 >= target:
                         break
             finally:
                 reader.close()
+            state.last_seq = position.seq - 1
         known.state = state
         skipped = position.seq - known.cursor.position.seq
         if skipped > 0:

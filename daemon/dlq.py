@@ -90,6 +90,10 @@ class DeadLetters:
         """Every letter still held, oldest first."""
         return [_letter(row) for row in self._queue.queue() if int(row["status"]) in _LIVE]
 
+    def seqs(self, run: str) -> set[int]:
+        """The seqs of ``run`` held here."""
+        return {letter.seq for letter in self.letters() if letter.run == run}
+
     def __len__(self) -> int:
         return len(self.letters())  # from the file: another process may have changed it
 

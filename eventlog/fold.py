@@ -75,13 +75,26 @@ def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:
     return state
 
 
+class MalformedEvent(ValueError):
+    """An event whose body does not fit its kind (journal content is untrusted input)."""
+
+    def __init__(self, event: Event, problem: str):
+        super().__init__(f"run {event.run} seq {event.seq} ({event.kind.value}): malformed body: {problem}")
+        self.seq = event.seq
+
+
 def fold_event(state: RunState, event: Event) -> RunState:
+    """Fold one event; raise MalformedEvent, leaving ``state`` as it was, when its body
+    does not fit its kind (each folder checks before it changes anything)."""
     if event.seq <= state.last_seq:
         return state  # replayed: already folded
     body = event.body
     if state.death is not None and event.kind is not Kind.DIED:
         _revive(state)
-    _FOLDERS[event.kind](state, body)
+    try:
+        _FOLDERS[event.kind](state, body)
+    except (TypeError, AttributeError, KeyError, ValueError) as error:
+        raise MalformedEvent(event, f"{type(error).__name__}: {error}") from None
     state.last_seq = event.seq
     return state
 
@@ -107,25 +120,34 @@ def _started(state: RunState, body: dict) -> None:
 
 
 def _describe(state: RunState, body: dict) -> None:
-    state.experiment = body.get("ex_info") or {}
+    experiment, host = _mapping(body, "ex_info"), _mapping(body, "host_info")
+    meta, config = _mapping(body, "meta_info"), _mapping(body, "config")
+    sources = [_checked(source, dict, "sources") for source in _checked(body.get("sources") or [], list, "sources")]
+    state.experiment, state.host, state.meta, state.config, state.sources = experiment, host, meta, config, sources
     state.command = body.get("command")
-    state.host = body.get("host_info") or {}
-    state.meta = body.get("meta_info") or {}
-    state.config = body.get("config") or {}
-    state.sources = list(body.get("sources") or [])
+
+
+def _mapping(body: dict, key: str) -> dict:
+    return _checked(body.get(key) or {}, dict, key)
+
+
+def _checked(value, kind: type, key: str):
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
 
 
 def _heartbeat(state: RunState, body: dict) -> None:
-    state.heartbeat = body.get("beat_time")
-    state.info = body.get("info") or {}
-    state.result = body.get("result")
+    info = _mapping(body, "info")
     if "captured_out" in body:
-        state.captured_out = body["captured_out"]
+        captured_out = _checked(body["captured_out"], str, "captured_out")
     else:
-        state.captured_out += body.get("captured_out_append", "")
+        captured_out = state.captured_out + _checked(body.get("captured_out_append", ""), str, "captured_out_append")
+    state.heartbeat, state.info, state.result, state.captured_out = body.get("beat_time"), info, body.get("result"), captured_out
 
 
 def _metrics(state: RunState, body: dict) -> None:
+    _checked(body["name"], str, "name")
     if not state.track_metrics:
         return
     series = state.metrics.setdefault(body["name"], {"steps": [], "values": [], "timestamps": []})
@@ -135,11 +157,18 @@ def _metrics(state: RunState, body: dict) -> None:
 
 
 def _resource(state: RunState, body: dict) -> None:
-    state.resources.append(body)
+    state.resources.append(_files(body, "filename"))
 
 
 def _artifact(state: RunState, body: dict) -> None:
-    state.artifacts.append(body)
+    state.artifacts.append(_files(body, "name"))
+
+
+def _files(body: dict, name: str) -> dict:
+    """Artifacts and resources: a name and a blob digest, both text."""
+    for key in (name, "digest"):
+        _checked(body[key], str, key)
+    return body
 
 
 def _completed(state: RunState, body: dict) -> None:
@@ -149,7 +178,7 @@ def _completed(state: RunState, body: dict) -> None:
 
 
 def _interrupted(state: RunState, body: dict) -> None:
-    state.status = body.get("status") or "INTERRUPTED"
+    state.status = _checked(body.get("status") or "INTERRUPTED", str, "status")
     state.stop_time = body.get("interrupt_time")
 
 
@@ -162,7 +191,7 @@ def _failed(state: RunState, body: dict) -> None:
 def _died(state: RunState, body: dict) -> None:
     if state.finished and state.death is None:
         return  # a real ending already stands; a late verdict changes nothing
-    state.status = body.get("status") or DIED
+    state.status = _checked(body.get("status") or DIED, str, "status")
     state.stop_time = body.get("last_heartbeat") or state.heartbeat or state.start_time
     state.death = body
 

@@ -222,7 +222,7 @@ _FROM_STATE: dict[str, Callable[[RunState], Any]] = {
 }
 
 # Errors converted to TransientSinkError or PermanentSinkError (see SqlSink).
-_CONVERTED = (sa.exc.SQLAlchemyError, OSError, ValueError, TypeError, LookupError, ArithmeticError)
+_CONVERTED = (sa.exc.SQLAlchemyError, OSError, ValueError, TypeError, LookupError, ArithmeticError, AttributeError)
 
 
 class SqlSink(Sink):
@@ -634,16 +634,20 @@ def _metric_insert_sql(dialect: sa.Dialect) -> str:
 
 
 def _metric_row(run_id: str, body: dict, sqlite: bool) -> tuple:
-    value = body["value"]
+    value, step = body["value"], body["step"]
     if not isinstance(value, (int, float)):
         raise ValueError(f"metric {body['name']!r}: value {value!r} is not a number")
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    if step is not None and type(step) is not int:  # else the driver's "cannot bind" looks transient
+        raise ValueError(f"metric {body['name']!r}: step {step!r} is not an integer")
     number = float(value)
     finite = math.isfinite(number)
     timestamp = _naive_utc(body["timestamp"])
     if sqlite and timestamp is not None:
         timestamp = _sqlite_time(timestamp)
     # a non-finite value is NULL plus 'nan', 'inf' or '-inf', which float() reads back
-    return run_id, body["name"], body["step"], number if finite else None, None if finite else repr(number), timestamp
+    return run_id, body["name"], step, number if finite else None, None if finite else repr(number), timestamp
 
 
 def _finite(value: Any) -> float | None:
@@ -704,7 +708,8 @@ def _permanent(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return isinstance(error, FileNotFoundError)  # a blob that is gone stays gone
     # a value that cannot be converted (bind processing, our own checks), or a malformed body
-    return isinstance(error, (sa.exc.StatementError, ValueError, TypeError, LookupError, ArithmeticError))
+    return isinstance(error, (sa.exc.StatementError, ValueError, TypeError, LookupError, ArithmeticError,
+                              AttributeError))
 
 
 def _summary(error: BaseException) -> str:

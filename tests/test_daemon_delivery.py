@@ -353,3 +353,27 @@ def test_a_sink_that_lost_committed_events_is_refilled(place):
     assert "the sink lost data" in refilled.stderr
     assert place.points(writer.run) == 20
     assert place.status_of(writer.run) == "COMPLETED"
+
+
+def test_malformed_events_are_dead_lettered_and_never_stop_delivery(place):
+    """Journal content is untrusted: a body that does not fit its kind is refused, not a crash."""
+    with JournalWriter.create(place.journal) as writer:
+        writer.append(Kind.STARTED, {"config": {}, "command": "main", "host_info": ["not", "a", "dict"]})
+        writer.append(Kind.METRICS, {"name": "loss", "step": [1], "value": 0.5, "timestamp": START})
+        writer.append(Kind.METRICS, _point("loss", 2))
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "captured_out_append": 42})
+        writer.append(Kind.COMPLETED, {"stop_time": START, "result": 1.0})
+    bad = writer.run
+    good = write_run(place.journal, 5)
+
+    first = place.sync()
+    assert first.returncode == 1, first.stderr  # something was dead-lettered
+    assert "Traceback" not in first.stderr
+    assert place.points(good) == 5 and place.status_of(good) == "COMPLETED"
+    assert place.points(bad) == 1 and place.status_of(bad) == "COMPLETED"
+    letters = json.loads(place.runrelay("dlq", "list", "--json").stdout)
+    assert sorted((letter["seq"], letter["kind"]) for letter in letters) == [
+        (0, "started"), (1, "metrics"), (3, "heartbeat")]
+    assert all("malformed body" in letter["reason"] or "not an integer" in letter["reason"] for letter in letters)
+    assert place.sync().returncode == 1  # still held, nothing re-delivered twice
+    assert place.points(bad) == 1
