@@ -62,14 +62,28 @@ class Discovery:
         self.doorbell = doorbell
 
     def run(self, stop: threading.Event) -> None:
-        observer = Observer()
-        observer.schedule(_Ring(self.doorbell), str(self.root), recursive=True)
-        observer.start()
+        observer = self._watch()
         try:
             while not stop.wait(self.rescan_seconds):
-                if not observer.is_alive():
-                    raise RuntimeError(f"the inotify watch on {self.root} stopped")
+                if observer is not None and not observer.is_alive():
+                    log.warning("the inotify watch on %s stopped; finding new events by rescan only "
+                                "(every %s s)", self.root, self.rescan_seconds)
+                    observer = None
                 self.doorbell.ring()
         finally:
-            observer.stop()
-            observer.join()
+            if observer is not None:
+                observer.stop()
+                observer.join()
+
+    def _watch(self) -> Observer | None:
+        """Start the inotify watch; without one (watch limit reached, a network filesystem)
+        delivery goes on at the rescan's pace rather than stopping."""
+        observer = Observer()
+        try:
+            observer.schedule(_Ring(self.doorbell), str(self.root), recursive=True)
+            observer.start()
+        except OSError as error:
+            log.warning("cannot watch %s with inotify (%s); finding new events by rescan only (every %s s)",
+                        self.root, error, self.rescan_seconds)
+            return None
+        return observer

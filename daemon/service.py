@@ -292,7 +292,19 @@ def choose_letters(config: Config, ids: list[int] | None, sink: str | None) -> d
 
 
 def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> tuple[int, list[str]]:
-    """Re-drive the chosen letters; returns (delivered count, problems)."""
+    """Re-drive the chosen letters; returns (delivered count, problems).
+
+    Holds the delivery lock: a re-drive writes the run's row from the journal as it stands,
+    and a daemon committing newer events meanwhile would be rolled back by it.
+    """
+    lock = _lock(config)
+    try:
+        return _retry_letters(config, chosen)
+    finally:
+        lock.release()
+
+
+def _retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> tuple[int, list[str]]:
     journal = Journal(config.journal)
     store = StateStore.open(config.state)
     urls = {redact(url): url for url in config.sinks}

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir
+from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
 
 BLOB_DIR = "blobs"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -36,7 +36,7 @@ def store_blob(run_dir: Path, source: str | os.PathLike) -> dict:
                 sha256.update(chunk)
                 md5.update(chunk)
                 size += len(chunk)
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -55,8 +55,3 @@ def blob_path(run_dir: Path, digest: str) -> Path:
         raise ValueError(f"not a blob digest: {digest!r}")
     return run_dir / BLOB_DIR / digest
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

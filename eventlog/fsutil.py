@@ -1,4 +1,4 @@
-"""Small filesystem helpers shared by the journal and the daemon's state files."""
+"""Small filesystem helpers shared by the journal's writer and blob store."""
 
 from __future__ import annotations
 
@@ -33,16 +33,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    fsync_dir(path.parent)
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a regular file may take a write in parts)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -21,7 +21,7 @@ from eventlog.blobs import store_blob
 from eventlog.errors import JournalCorrupt, JournalWriteError, WriterBusy
 from eventlog.events import Kind, check_run_uid, micros_now, new_run_uid
 from eventlog.format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_name
-from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir
+from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
 from eventlog.reader import Journal
 
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
@@ -189,9 +189,7 @@ class JournalWriter:
     def _write(self, record: bytes) -> None:
         start = self._size
         try:
-            view = memoryview(record)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, record)
         except OSError as error:
             self._undo_partial_write(start)
             raise JournalWriteError(f"run {self.run}: could not append to the journal: {error}") from error
@@ -260,7 +258,7 @@ def _lock(run_dir: Path) -> int:
 
 
 def writer_alive(run_dir: Path) -> bool:
-    """True while some process holds the run's writer lock."""
+    """True while some process holds the run's writer lock (for the dead-run watchdog to come)."""
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     except FileNotFoundError:

@@ -9,6 +9,7 @@ what happens next. Backends register by URL scheme in ``sinks.registry``.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +99,11 @@ class Sink(ABC):
         return f"{type(self).__name__}({redact(self.url)!r})"
 
 
+_CREDENTIALS = re.compile(r"^(?P<head>[\w+.-]+://[^:/@]*:)[^@]*@")  # as SQLAlchemy parses: password up to the first "@"
+_SECRET_PARAMETERS = re.compile(r"(?i)([?&](?:password|sslpassword|passwd|secret|token|access_key|secret_key)=)[^&]*")
+
+
 def redact(url: str) -> str:
-    """The URL without its password, for logs and status output."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, location = rest.partition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{location}" if ":" in credentials else url
+    """The URL without its password or secret query parameters, for logs, status and state keys."""
+    url = _CREDENTIALS.sub(lambda match: f"{match['head']}***@", url, count=1)
+    return _SECRET_PARAMETERS.sub(r"\1***", url)

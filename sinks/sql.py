@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
 from eventlog.events import Event, Kind
-from eventlog.fold import RunState, fold
+from eventlog.fold import RunState
 from sinks.base import Batch, BlobSource, PermanentSinkError, Sink, TransientSinkError
 
 CONNECT_TIMEOUT_SECONDS = 10
@@ -354,7 +354,7 @@ class SqlSink(Sink):
                 if not new:
                     return
                 run_id = found.run_id if found else self._create_run(conn, batch.run, new)
-                state = _state(batch)
+                state = batch.state
                 revived = found is not None and found.death_reason is not None and state.death is None
                 plan = _plan(new, revived)
                 for events in [[event] for event in new] if careful else [new]:
@@ -538,16 +538,6 @@ def _sqlite_connected(dbapi_connection, _record) -> None:
 
 def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock first: SQLite's FOR UPDATE
-
-
-def _state(batch: Batch) -> RunState:
-    """The state the run row is written from. The daemon folds the events it set aside
-    (dead-lettered) into ``batch.state`` too; a batch that holds its run from the first
-    event is folded here without them, so a value the database refused (say, a status)
-    does not come back through another event of the batch (the started one)."""
-    if batch.redelivery or batch.first_seq != 0:
-        return batch.state
-    return fold(batch.events, RunState(batch.run, track_metrics=False))
 
 
 def _plan(new: list[Event], revived: bool) -> dict[int, frozenset]:

@@ -117,3 +117,12 @@ def test_a_relative_sqlite_path_is_pinned_to_the_current_directory(tmp_path, mon
     config = load(None, {"sinks": ["sqlite:///runs.sqlite", "sqlite:////abs/runs.sqlite"]},
                   environ={"RUNRELAY_HOME": str(tmp_path)})
     assert config.sinks == (f"sqlite:///{tmp_path / 'runs.sqlite'}", "sqlite:////abs/runs.sqlite")
+
+
+def test_redacted_urls_hide_every_password_form():
+    from sinks.base import redact
+
+    assert redact("postgresql+psycopg://bob:p/ss@db/runs") == "postgresql+psycopg://bob:***@db/runs"
+    assert redact("postgresql://bob@db/runs?password=hunter2&x=1") == "postgresql://bob@db/runs?password=***&x=1"
+    assert redact("mysql+pymysql://root@127.0.0.1:3306/db") == "mysql+pymysql://root@127.0.0.1:3306/db"
+    assert redact("sqlite:////var/lib/runrelay/runs.sqlite") == "sqlite:////var/lib/runrelay/runs.sqlite"

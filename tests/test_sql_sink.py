@@ -144,9 +144,10 @@ def everything(journal: Journal, run: str) -> Batch:
 
 
 def without(batch: Batch, seq: int) -> Batch:
-    """What the daemon applies after dead-lettering ``seq``: the other events, with the
-    state still folded through all of them (docs/daemon.md, "Dead letters")."""
-    return Batch(batch.run, [event for event in batch.events if event.seq != seq], batch.state)
+    """What the daemon applies after dead-lettering ``seq`` from a whole run's batch: the
+    other events, and the state folded without it (docs/daemon.md, "Dead letters")."""
+    kept = [event for event in batch.events if event.seq != seq]
+    return Batch(batch.run, kept, fold(kept, RunState(batch.run, track_metrics=False)))
 
 
 # --- reading databases ------------------------------------------------------------------------
