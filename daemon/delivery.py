@@ -74,6 +74,15 @@ def apply_isolating(
     return state
 
 
+def fold_sound(state: RunState, event: Event) -> None:
+    """Fold ``event`` unless its body is malformed: such an event is (or will be) refused by
+    ``apply_isolating``, so a fold from the journal passes over it rather than crashing."""
+    try:
+        fold_event(state, event)
+    except MalformedEvent:
+        pass
+
+
 @dataclass
 class _Run:
     """What a worker knows about one run between batches."""
@@ -240,7 +249,7 @@ class SinkWorker:
             try:
                 for last, position in reader:
                     if last.seq not in refused:  # as apply_isolating folded them: without
-                        fold_event(state, last)
+                        fold_sound(state, last)
                     if last.seq + 1 >= target:
                         break
             finally:

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 from daemon import retry
 from daemon.config import RetryPolicy
-from daemon.delivery import apply_isolating
+from daemon.delivery import apply_isolating, fold_sound
 from daemon.dlq import DeadLetters, Letter
 from daemon.state import StateStore
 from eventlog.errors import JournalCorrupt, UnknownRun
 from eventlog.events import Event
-from eventlog.fold import MalformedEvent, RunState, fold_event
+from eventlog.fold import RunState
 from eventlog.reader import Journal
 from sinks.base import Sink, TransientSinkError
 
@@ -90,16 +90,10 @@ def _state(sink: Sink, journal: Journal, run: str, through: int, events: list[Ev
         for event in journal.events(run):
             if event.seq > through:
                 break
-            _fold_if_sound(state, event)
+            fold_sound(state, event)
     except (UnknownRun, JournalCorrupt):
         pass  # gone or damaged: what was folded stands, the letters fill in below
     for event in events:
-        _fold_if_sound(state, event)  # skips what the journal already gave
+        fold_sound(state, event)  # skips what the journal already gave
     return state
 
-
-def _fold_if_sound(state: RunState, event: Event) -> None:
-    try:
-        fold_event(state, event)
-    except MalformedEvent:
-        pass  # apply_isolating refuses it again, with the reason

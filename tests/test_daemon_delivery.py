@@ -377,3 +377,20 @@ def test_malformed_events_are_dead_lettered_and_never_stop_delivery(place):
     assert all("malformed body" in letter["reason"] or "not an integer" in letter["reason"] for letter in letters)
     assert place.sync().returncode == 1  # still held, nothing re-delivered twice
     assert place.points(bad) == 1
+
+
+def test_a_refold_without_the_dead_letters_still_skips_a_malformed_event(place):
+    """With the state directory lost (cursors and dead letters), a restart folds the run from
+    the journal again: the malformed event it meets is passed over, not a crash."""
+    with JournalWriter.create(place.journal) as writer:
+        writer.append(Kind.STARTED, {"config": {}, "command": "main", "host_info": ["not", "a", "dict"]})
+        for step in range(5):
+            writer.append(Kind.METRICS, _point("loss", step))
+        assert place.sync().returncode == 1  # the started event is dead-lettered
+        shutil.rmtree(place.state)
+        for step in range(5, 8):
+            writer.append(Kind.METRICS, _point("loss", step))
+
+    again = place.sync()
+    assert "Traceback" not in again.stderr, again.stderr
+    assert place.points(writer.run) == 8
