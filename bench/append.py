@@ -15,9 +15,9 @@ import statistics
 import tempfile
 import time
 
-from eventlog import JournalWriter, Kind
-from eventlog import codec
-from eventlog.format import encode_record
+from runrelay.eventlog import JournalWriter, Kind
+from runrelay.eventlog import codec
+from runrelay.eventlog.format import encode_record
 
 
 def percentiles(samples_ns: list[int]) -> tuple[float, float]:

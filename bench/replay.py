@@ -44,9 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from daemon import delivery, service  # noqa: E402
-from daemon.config import DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
-from eventlog import JournalWriter, Kind  # noqa: E402
+from runrelay.daemon import delivery, service  # noqa: E402
+from runrelay.daemon.config import DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
+from runrelay.eventlog import JournalWriter, Kind  # noqa: E402
 
 RUNRELAY = Path(sys.executable).parent / "runrelay"
 NAMES = ["training.loss", "accuracy", "lr", "grad.norm"]

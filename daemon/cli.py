@@ -9,11 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from daemon import service
-from daemon.config import ConfigError, load
-from daemon.demo import run_demo
-from daemon.journal_cli import add_journal_commands
-from daemon.service import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE, UserError
+from runrelay.daemon import service
+from runrelay.daemon.config import ConfigError, load
+from runrelay.daemon.demo import run_demo
+from runrelay.daemon.journal_cli import add_journal_commands
+from runrelay.daemon.service import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE, UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from eventlog.location import default_journal_dir, runrelay_home
-from sinks.base import redact
-from sinks.registry import schemes
+from runrelay.eventlog.location import default_journal_dir, runrelay_home
+from runrelay.sinks.base import redact
+from runrelay.sinks.registry import schemes
 
 CONFIG_FILE_NAME = "runrelay.toml"
 STATE_DIR_NAME = "state"

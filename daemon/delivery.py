@@ -19,17 +19,17 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from daemon import retry
-from daemon.config import Delivery, RetryPolicy
-from daemon.dlq import DeadLetters
-from daemon.state import Cursor, StateStore
-from daemon.supervisor import LoopFailed
-from eventlog.errors import JournalCorrupt, UnknownRun
-from eventlog.events import Event, Kind
-from eventlog import codec
-from eventlog.fold import MalformedEvent, RunState, fold, fold_event, from_snapshot, snapshot
-from eventlog.reader import Journal, Position
-from sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError
+from runrelay.daemon import retry
+from runrelay.daemon.config import Delivery, RetryPolicy
+from runrelay.daemon.dlq import DeadLetters
+from runrelay.daemon.state import Cursor, StateStore
+from runrelay.daemon.supervisor import LoopFailed
+from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.events import Event, Kind
+from runrelay.eventlog import codec
+from runrelay.eventlog.fold import MalformedEvent, RunState, fold, fold_event, from_snapshot, snapshot
+from runrelay.eventlog.reader import Journal, Position
+from runrelay.sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError
 
 log = logging.getLogger("runrelay.delivery")
 

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.config import Config
-from daemon.service import EXIT_UNDELIVERED, EXIT_USAGE, run_sync
+from runrelay.daemon.config import Config
+from runrelay.daemon.service import EXIT_UNDELIVERED, EXIT_USAGE, run_sync
 
-EXPERIMENT_MODULE = "daemon.demo_experiment"
+EXPERIMENT_MODULE = "runrelay.daemon.demo_experiment"
 READY_TIMEOUT_SECONDS = 60.0
 READY_POLL_SECONDS = 0.05
 RUNS = (("completes", "complete"), ("fails", "fail"), ("is killed", "hang"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sacred import Experiment
 
-from eventlog.sacred import journal_option
+from runrelay.eventlog.sacred import journal_option
 
 ex = Experiment("runrelay_demo", additional_cli_options=[journal_option])
 

@@ -19,9 +19,9 @@ import persistqueue.serializers.json as json_serializer
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from eventlog import codec
-from eventlog.events import Event, Kind, utc_from_micros
-from eventlog.fsutil import make_private_dir
+from runrelay.eventlog import codec
+from runrelay.eventlog.events import Event, Kind, utc_from_micros
+from runrelay.eventlog.fsutil import make_private_dir
 
 DLQ_DIR = "dlq"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)

@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from eventlog.errors import JournalCorrupt
-from eventlog.events import Event
-from eventlog.fold import RunState, fold_event
-from eventlog.location import default_journal_dir
-from eventlog.reader import Journal
+from runrelay.eventlog.errors import JournalCorrupt
+from runrelay.eventlog.events import Event
+from runrelay.eventlog.fold import RunState, fold_event
+from runrelay.eventlog.location import default_journal_dir
+from runrelay.eventlog.reader import Journal
 
 EXIT_OK = 0
 EXIT_CORRUPT = 1

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Sequence
 
-from daemon import retry
-from daemon.config import RetryPolicy
-from daemon.delivery import apply_isolating, fold_sound
-from daemon.dlq import DeadLetters, Letter
-from daemon.state import StateStore
-from eventlog.errors import JournalCorrupt, UnknownRun
-from eventlog.events import Event
-from eventlog.fold import RunState
-from eventlog.reader import Journal
-from sinks.base import Sink, TransientSinkError
+from runrelay.daemon import retry
+from runrelay.daemon.config import RetryPolicy
+from runrelay.daemon.delivery import apply_isolating, fold_sound
+from runrelay.daemon.dlq import DeadLetters, Letter
+from runrelay.daemon.state import StateStore
+from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.events import Event
+from runrelay.eventlog.fold import RunState
+from runrelay.eventlog.reader import Journal
+from runrelay.sinks.base import Sink, TransientSinkError
 
 
 @dataclass

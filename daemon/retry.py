@@ -17,9 +17,9 @@ from typing import Callable, TypeVar
 
 import tenacity
 
-from daemon.config import RetryPolicy
-from daemon.state import Health, StateStore
-from sinks.base import TransientSinkError
+from runrelay.daemon.config import RetryPolicy
+from runrelay.daemon.state import Health, StateStore
+from runrelay.sinks.base import TransientSinkError
 
 log = logging.getLogger("runrelay.retry")
 T = TypeVar("T")

@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from daemon.config import Config
-from daemon.delivery import SinkWorker
-from daemon.discovery import Discovery, Doorbell
-from daemon.dlq import DeadLetters, Letter
-from daemon.notify import Notifier
-from daemon.redrive import redrive
-from daemon.state import DeliveryLock, Health, StateStore
-from daemon.status import SinkStatus, sink_status
-from daemon.supervisor import Supervisor
-from eventlog.fsutil import make_private_dir
-from eventlog.reader import Journal
-from sinks.base import redact
-from sinks.registry import UnknownSinkError, sink_for
+from runrelay.daemon.config import Config
+from runrelay.daemon.delivery import SinkWorker
+from runrelay.daemon.discovery import Discovery, Doorbell
+from runrelay.daemon.dlq import DeadLetters, Letter
+from runrelay.daemon.notify import Notifier
+from runrelay.daemon.redrive import redrive
+from runrelay.daemon.state import DeliveryLock, Health, StateStore
+from runrelay.daemon.status import SinkStatus, sink_status
+from runrelay.daemon.supervisor import Supervisor
+from runrelay.eventlog.fsutil import make_private_dir
+from runrelay.eventlog.reader import Journal
+from runrelay.sinks.base import redact
+from runrelay.sinks.registry import UnknownSinkError, sink_for
 
 EXIT_OK = 0
 EXIT_UNDELIVERED = 1  # something is left undelivered, or a loop crashed, or shutdown overran

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from eventlog.fsutil import FILE_MODE, make_private_dir
-from eventlog.reader import Position
+from runrelay.eventlog.fsutil import FILE_MODE, make_private_dir
+from runrelay.eventlog.reader import Position
 
 STATE_DB = "state.sqlite"
 LOCK_FILE = "delivery.lock"

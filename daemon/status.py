@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
-from daemon.state import Cursor, Health
-from eventlog.errors import UnknownRun
-from eventlog.reader import Journal
+from runrelay.daemon.state import Cursor, Health
+from runrelay.eventlog.errors import UnknownRun
+from runrelay.eventlog.reader import Journal
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
+from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
 
 BLOB_DIR = "blobs"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")

@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
-from eventlog.events import Event, Kind
+from runrelay.eventlog.events import Event, Kind
 
 DIED = "DIED"
 

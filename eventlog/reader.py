@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from eventlog import codec
-from eventlog.blobs import blob_path
-from eventlog.errors import JournalCorrupt, UnknownRun
-from eventlog.events import KINDS_BY_VALUE, Event, check_run_uid, is_run_uid, utc_from_micros
-from eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
+from runrelay.eventlog import codec
+from runrelay.eventlog.blobs import blob_path
+from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.events import KINDS_BY_VALUE, Event, check_run_uid, is_run_uid, utc_from_micros
+from runrelay.eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
 
 FOLLOW_POLL_SECONDS = 0.2
 

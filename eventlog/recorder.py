@@ -24,9 +24,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from eventlog.events import Kind
-from eventlog.location import default_journal_dir
-from eventlog.writer import Durability, JournalWriter
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.location import default_journal_dir
+from runrelay.eventlog.writer import Durability, JournalWriter
 
 DEFAULT_HEARTBEAT_SECONDS = 10.0  # Sacred's default beat interval
 RUNNING = "RUNNING"

@@ -21,11 +21,11 @@ from sacred.observers.base import RunObserver
 from sacred.run import Run
 from sacred.serializer import flatten
 
-from eventlog.errors import JournalError
-from eventlog.events import Kind
-from eventlog.location import default_journal_dir
-from eventlog.recorder import captured_out_body, process_info
-from eventlog.writer import Durability, JournalWriter
+from runrelay.eventlog.errors import JournalError
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.location import default_journal_dir
+from runrelay.eventlog.recorder import captured_out_body, process_info
+from runrelay.eventlog.writer import Durability, JournalWriter
 
 # Above every Sacred observer (theirs default to 10-40): the journal is written first,
 # and its run uid becomes the run's _id when no one else has set one.

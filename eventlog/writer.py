@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eventlog import codec
-from eventlog.blobs import store_blob
-from eventlog.errors import JournalCorrupt, JournalWriteError, WriterBusy
-from eventlog.events import Kind, check_run_uid, micros_now, new_run_uid
-from eventlog.format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_name
-from eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
-from eventlog.reader import Journal
+from runrelay.eventlog import codec
+from runrelay.eventlog.blobs import store_blob
+from runrelay.eventlog.errors import JournalCorrupt, JournalWriteError, WriterBusy
+from runrelay.eventlog.events import Kind, check_run_uid, micros_now, new_run_uid
+from runrelay.eventlog.format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_name
+from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
+from runrelay.eventlog.reader import Journal
 
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from eventlog.events import Event
-from eventlog.fold import RunState
+from runrelay.eventlog.events import Event
+from runrelay.eventlog.fold import RunState
 
 # Where a sink reads the bytes of an artifact, resource or source: (run, digest) -> path.
 BlobSource = Callable[[str, str], Path]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-from sinks.base import BlobSource, Sink
+from runrelay.sinks.base import BlobSource, Sink
 
 # scheme -> "module:Class"; imported on first use so a missing driver only
 # matters to those who configure that backend.
 _BACKENDS = {
-    "sqlite": "sinks.sql:SqlSink",
-    "postgresql": "sinks.sql:SqlSink",
-    "postgresql+psycopg": "sinks.sql:SqlSink",
-    "mysql": "sinks.sql:SqlSink",
-    "mysql+pymysql": "sinks.sql:SqlSink",
-    "mariadb+pymysql": "sinks.sql:SqlSink",
+    "sqlite": "runrelay.sinks.sql:SqlSink",
+    "postgresql": "runrelay.sinks.sql:SqlSink",
+    "postgresql+psycopg": "runrelay.sinks.sql:SqlSink",
+    "mysql": "runrelay.sinks.sql:SqlSink",
+    "mysql+pymysql": "runrelay.sinks.sql:SqlSink",
+    "mariadb+pymysql": "runrelay.sinks.sql:SqlSink",
 }
 
 

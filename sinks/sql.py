@@ -18,9 +18,9 @@ from typing import Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from eventlog.events import Event, Kind
-from eventlog.fold import RunState
-from sinks.base import Batch, BlobSource, PermanentSinkError, Sink, TransientSinkError
+from runrelay.eventlog.events import Event, Kind
+from runrelay.eventlog.fold import RunState
+from runrelay.sinks.base import Batch, BlobSource, PermanentSinkError, Sink, TransientSinkError
 
 CONNECT_TIMEOUT_SECONDS = 10
 SQLITE_BUSY_TIMEOUT_SECONDS = 30

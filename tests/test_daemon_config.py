@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load
+from runrelay.daemon.config import ConfigError, load
 
 
 def _write(path: Path, text: str) -> Path:
@@ -90,7 +90,7 @@ def test_passwords_come_from_the_environment_and_are_never_shown(tmp_path):
 def test_a_bad_config_is_one_line_per_problem_and_exit_2(tmp_path):
     config = _write(tmp_path / "bad.toml", 'sinks = "sqlite:///x"\nbatch_size = 3\n[delivery]\nrescan_seconds = 0\n')
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", "--config", str(config)],
+        [sys.executable, "-m", "runrelay.daemon.cli", "status", "--config", str(config)],
         capture_output=True, text=True, env={"RUNRELAY_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60,
     )
     assert result.returncode == 2
@@ -104,7 +104,7 @@ def test_a_bad_config_is_one_line_per_problem_and_exit_2(tmp_path):
 
 def test_a_missing_config_file_is_a_user_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", "--config", str(tmp_path / "nope.toml")],
+        [sys.executable, "-m", "runrelay.daemon.cli", "status", "--config", str(tmp_path / "nope.toml")],
         capture_output=True, text=True, env={"RUNRELAY_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60,
     )
     assert result.returncode == 2
@@ -120,7 +120,7 @@ def test_a_relative_sqlite_path_is_pinned_to_the_current_directory(tmp_path, mon
 
 
 def test_redacted_urls_hide_every_password_form():
-    from sinks.base import redact
+    from runrelay.sinks.base import redact
 
     assert redact("postgresql+psycopg://bob:p/ss@db/runs") == "postgresql+psycopg://bob:***@db/runs"
     assert redact("postgresql://bob@db/runs?password=hunter2&x=1") == "postgresql://bob@db/runs?password=***&x=1"

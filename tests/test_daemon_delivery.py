@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.state import StateStore
-from eventlog.events import Kind
-from eventlog.reader import Journal
-from eventlog.writer import JournalWriter
+from runrelay.daemon.state import StateStore
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.reader import Journal
+from runrelay.eventlog.writer import JournalWriter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
 START = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
@@ -35,7 +35,7 @@ class Place:
     def runrelay(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         location = ["--journal", str(self.journal), "--state", str(self.state), "--sink", self.url]
         return subprocess.run(
-            [sys.executable, "-m", "daemon.cli", *args, *location],
+            [sys.executable, "-m", "runrelay.daemon.cli", *args, *location],
             capture_output=True, text=True, env={"RUNRELAY_HOME": str(self.root), "PATH": "/usr/bin:/bin", **env},
             timeout=HANG_SECONDS,
         )
@@ -238,7 +238,7 @@ def test_status_shows_what_is_pending_without_a_daemon(place):
 def test_sync_gives_up_on_an_unreachable_sink_and_says_so(place):
     run = write_run(place.journal, 3)
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "sync", "--no-progress", "--journal", str(place.journal),
+        [sys.executable, "-m", "runrelay.daemon.cli", "sync", "--no-progress", "--journal", str(place.journal),
          "--state", str(place.state), "--sink", place.url, "--sink", "postgresql+psycopg://relay:pw@127.0.0.1:9/x"],
         capture_output=True, text=True,
         env={"RUNRELAY_HOME": str(place.root), "PATH": "/usr/bin:/bin", "RUNRELAY_RETRY_GIVE_UP_SECONDS": "1",
@@ -276,8 +276,8 @@ def test_a_restart_never_reads_again_what_was_delivered(place):
 
 WRITE_FOREVER = """
 import sys, time
-from eventlog.events import Kind
-from eventlog.writer import JournalWriter
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.writer import JournalWriter
 writer = JournalWriter.create(sys.argv[1])
 writer.append(Kind.STARTED, {"config": {}, "command": "main"})
 step = 0

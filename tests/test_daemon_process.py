@@ -14,10 +14,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from daemon.state import StateStore
-from eventlog.events import Kind
-from eventlog.writer import JournalWriter
-from sinks.base import redact
+from runrelay.daemon.state import StateStore
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.writer import JournalWriter
+from runrelay.sinks.base import redact
 
 WAIT_SECONDS = 60.0  # a generous bound for things that take milliseconds; never asserted on
 POLL_SECONDS = 0.02
@@ -25,7 +25,7 @@ ENV = {"PATH": "/usr/bin:/bin"}
 
 
 def runrelay(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "runrelay.daemon.cli", *args], capture_output=True, text=True,
                           env={**ENV, "RUNRELAY_HOME": str(home), **env}, timeout=WAIT_SECONDS)
 
 
@@ -33,7 +33,7 @@ class Daemon:
     """`runrelay daemon` in a subprocess, started once it tells systemd's notify socket READY=1."""
 
     def __init__(self, journal: Path, state: Path, *sinks: str, **env: str):
-        command = [sys.executable, "-m", "daemon.cli", "daemon", "--journal", str(journal), "--state", str(state)]
+        command = [sys.executable, "-m", "runrelay.daemon.cli", "daemon", "--journal", str(journal), "--state", str(state)]
         for url in sinks:
             command += ["--sink", url]
         self.notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -222,7 +222,7 @@ def test_systemd_hears_watchdog_pings(tmp_path):
 def test_a_sink_that_cannot_be_used_stops_the_daemon_loudly(tmp_path):
     (tmp_path / "a-file").touch()
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "daemon", "--journal", str(tmp_path / "journal"),
+        [sys.executable, "-m", "runrelay.daemon.cli", "daemon", "--journal", str(tmp_path / "journal"),
          "--state", str(tmp_path / "state"), "--sink", f"sqlite:///{tmp_path / 'a-file' / 'runs.sqlite'}"],
         capture_output=True, text=True, env={**ENV, "RUNRELAY_HOME": str(tmp_path)}, timeout=WAIT_SECONDS,
     )

@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-from eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
-from eventlog.events import check_run_uid, new_run_uid
-from eventlog.writer import writer_alive
+from runrelay.eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
+from runrelay.eventlog.events import check_run_uid, new_run_uid
+from runrelay.eventlog.writer import writer_alive
 
 
 def test_values_keep_their_types(journal_dir):
@@ -146,7 +146,7 @@ def test_file_size_limit_is_a_clear_error_and_keeps_what_was_journaled(journal_d
     script = textwrap.dedent(
         f"""
         import resource, sys
-        from eventlog import JournalWriter, JournalWriteError, Kind
+        from runrelay.eventlog import JournalWriter, JournalWriteError, Kind
         resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
         writer = JournalWriter.create({str(journal_dir)!r})
         print(writer.run, flush=True)
@@ -169,7 +169,7 @@ def test_file_size_limit_is_a_clear_error_and_keeps_what_was_journaled(journal_d
 
 
 def test_reading_a_missing_run_says_so(journal_dir):
-    from eventlog import UnknownRun
+    from runrelay.eventlog import UnknownRun
 
     with pytest.raises(UnknownRun):
         list(Journal(journal_dir).events(new_run_uid()))
@@ -198,8 +198,8 @@ def test_follow_yields_live_events_until_the_run_ends(journal_dir):
 
 
 def test_producers_and_the_daemon_share_one_journal_location_rule(tmp_path):
-    from daemon.config import load
-    from eventlog.location import default_journal_dir
+    from runrelay.daemon.config import load
+    from runrelay.eventlog.location import default_journal_dir
 
     cases = [
         ({"RUNRELAY_JOURNAL": str(tmp_path / "j"), "RUNRELAY_HOME": str(tmp_path / "h")}, tmp_path / "j"),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eventlog import JournalWriter, Kind
+from runrelay.eventlog import JournalWriter, Kind
 
 RUNRELAY = str(Path(sys.executable).parent / "runrelay")
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"

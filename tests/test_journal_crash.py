@@ -14,14 +14,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from eventlog import Journal, JournalWriter, Kind
+from runrelay.eventlog import Journal, JournalWriter, Kind
 
 KILLS = 200
 CHILD = r"""
 import os, sys
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from test_journal_crash import expected_event
-from eventlog import JournalWriter
+from runrelay.eventlog import JournalWriter
 writer = JournalWriter.create(sys.argv[1], segment_bytes=64 * 1024)
 os.write(1, (writer.run + "\n").encode())
 while True:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import Journal, JournalCorrupt, JournalWriter, Kind
+from runrelay.eventlog import Journal, JournalCorrupt, JournalWriter, Kind
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
 RUN = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"

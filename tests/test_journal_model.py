@@ -10,10 +10,10 @@ from pathlib import Path
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from eventlog import Journal, JournalWriter, Kind
-from eventlog import codec
-from eventlog.events import utc_from_micros
-from eventlog.format import encode_record
+from runrelay.eventlog import Journal, JournalWriter, Kind
+from runrelay.eventlog import codec
+from runrelay.eventlog.events import utc_from_micros
+from runrelay.eventlog.format import encode_record
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from eventlog import Journal, Kind
-from eventlog.fold import fold
-from eventlog.recorder import Recorder
+from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog.fold import fold
+from runrelay.eventlog.recorder import Recorder
 
 
 def journaled(journal_dir, run: Recorder):

@@ -31,10 +31,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from eventlog.events import Kind
-from eventlog.fold import fold
-from eventlog.reader import Journal
-from eventlog.writer import JournalWriter
+from runrelay.eventlog.events import Kind
+from runrelay.eventlog.fold import fold
+from runrelay.eventlog.reader import Journal
+from runrelay.eventlog.writer import JournalWriter
 
 RUNRELAY = Path(sys.executable).parent / "runrelay"
 SEED = int(os.environ.get("RUNRELAY_TEST_SEED", "20240501"))

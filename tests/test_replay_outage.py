@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from eventlog.reader import Journal
+from runrelay.eventlog.reader import Journal
 from test_replay_crash import (
     WAIT_SECONDS,
     Experiment,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import Journal, Kind
-from eventlog.fold import fold
+from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog.fold import fold
 
 EXPERIMENT = Path(__file__).parent / "experiments" / "endless_experiment.py"
 KILLS = 10

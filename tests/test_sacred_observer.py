@@ -18,9 +18,9 @@ import pytest
 from sacred import Experiment
 from sacred.serializer import flatten
 
-from eventlog import Journal, Kind
-from eventlog.fold import RunState, fold
-from eventlog.sacred import PRIORITY, JournalObserver
+from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog.fold import RunState, fold
+from runrelay.eventlog.sacred import PRIORITY, JournalObserver
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 EPOCHS = 20  # seed_experiment's default

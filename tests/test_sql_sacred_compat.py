@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from sacred.observers.sql_bases import Base, Run
 from sqlalchemy.orm import Session
 
-from eventlog import Event, Journal, Kind
-from eventlog.fold import RunState, fold
-from sinks.base import Batch, PermanentSinkError
-from sinks.sql import SqlSink
+from runrelay.eventlog import Event, Journal, Kind
+from runrelay.eventlog.fold import RunState, fold
+from runrelay.sinks.base import Batch, PermanentSinkError
+from runrelay.sinks.sql import SqlSink
 
 EXPERIMENT = Path(__file__).parent / "experiments" / "seed_experiment.py"
 BATCH_EVENTS = 7  # several batches, cut at arbitrary places

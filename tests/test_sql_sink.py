@@ -15,11 +15,11 @@ import pytest
 import sqlalchemy as sa
 from sacred.serializer import flatten
 
-from eventlog import Journal, JournalWriter, Kind
-from eventlog.fold import RunState, fold
-from sinks import sql
-from sinks.base import Batch, PermanentSinkError, TransientSinkError
-from sinks.registry import sink_for
+from runrelay.eventlog import Journal, JournalWriter, Kind
+from runrelay.eventlog.fold import RunState, fold
+from runrelay.sinks import sql
+from runrelay.sinks.base import Batch, PermanentSinkError, TransientSinkError
+from runrelay.sinks.registry import sink_for
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, 123456)
 DIALECTS = ["sqlite", "postgres", "mariadb"]

@@ -12,7 +12,7 @@ import time
 
 from sacred import Experiment
 
-from eventlog.sacred import journal_option
+from runrelay.eventlog.sacred import journal_option
 
 ex = Experiment("endless", additional_cli_options=[journal_option])
 

@@ -19,7 +19,7 @@ from sacred import Experiment
 from sacred.utils import SacredInterrupt, TimeoutInterrupt
 
 import regression
-from eventlog.sacred import journal_option
+from runrelay.eventlog.sacred import journal_option
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
