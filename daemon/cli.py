@@ -103,9 +103,9 @@ def _common_options() -> argparse.ArgumentParser:
                              "or ~/.config/runrelay, if present)")
     common.add_argument("--journal", type=Path, metavar="DIR", help="journal directory (env RUNRELAY_JOURNAL)")
     common.add_argument("--state", type=Path, metavar="DIR", help="state directory (env RUNRELAY_STATE)")
-    common.add_argument("--sink", dest="sinks", action="append", metavar="URL",
-                        help="sink URL; repeat for several; replaces the configured sinks (env RUNRELAY_SINKS, "
-                             "comma-separated)")
+    common.add_argument("--sink", dest="sinks", action="append", metavar="URL|NAME",
+                        help="a sink URL (NAME=URL names it); repeat for several; replaces the configured sinks "
+                             "(env RUNRELAY_SINKS, comma-separated). Or the name of a configured sink, to pick it")
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (env RUNRELAY_LOG_LEVEL; default INFO)")
     return common
@@ -141,9 +141,6 @@ def _add_dlq_commands(commands, common) -> None:
             exits=_EXIT_CODES if name == "retry" else _EXIT_INSPECT)
         action.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter id")
         action.add_argument("--all", action="store_true", help="every dead letter")
-        action.add_argument("--sink-match", dest="sink_match", metavar="TEXT",
-                            help="only the configured sink whose (password-free) URL contains TEXT; needed "
-                                 "when an id exists for several sinks")
         action.set_defaults(func=func)
 
 
@@ -180,7 +177,11 @@ def _status(args) -> int:
     print(f"daemon   {'running (pid %s)' % pid if pid else 'not running'}")
     for sink in status["sinks"]:
         oldest = sink["oldest_pending_seconds"]
-        print(f"\nsink {sink['sink']}")
+        where = "" if sink["configured"] else "  (not configured now; known from the state)"
+        print(f"\nsink {sink['sink']}{where}")
+        if sink["identity"] and sink["identity"] != sink["sink"]:
+            print(f"  target       {sink['identity']}")
+        print(f"  condition    {sink['condition']}")
         print(f"  pending      {sink['pending_events']} event(s) in {sink['pending_runs']} run(s)"
               + (f", oldest {oldest:.1f} s old" if oldest is not None else ""))
         print(f"  retries      {sink['retries']}" + (f", failing since {sink['failing_since']}"
@@ -200,9 +201,8 @@ def _dlq_list(args) -> int:
     if not letters:
         print("no dead letters")
     for letter in letters:
-        taken = " (being retried)" if letter.taken else ""
         print(f"{letter.id:>5}  {letter.sink}  {letter.run} seq {letter.seq} {letter.kind}  "
-              f"attempts {letter.attempts}  {letter.time}{taken}\n       {letter.reason}")
+              f"attempts {letter.attempts}  {letter.time}\n       {letter.reason}")
     return EXIT_OK
 
 
@@ -210,16 +210,16 @@ def _chosen(args, config):
     if bool(args.ids) == bool(args.all):
         raise UserError(f"give dead letter ids or --all (see runrelay dlq list), "
                         f"e.g. runrelay dlq {args.dlq_command} 3")
-    return service.choose_letters(config, None if args.all else args.ids, args.sink_match)
+    return service.choose_letters(config, None if args.all else args.ids)
 
 
 def _dlq_retry(args) -> int:
     config = _config(args)
-    delivered, problems = service.retry_letters(config, _chosen(args, config))
-    print(f"re-delivered {delivered} dead letter(s)")
-    for problem in problems:
+    report = service.retry_letters(config, _chosen(args, config))
+    print(f"re-delivered {report.delivered} dead letter(s)")
+    for problem in report.problems:
         print(f"runrelay: {problem}", file=sys.stderr)
-    return EXIT_UNDELIVERED if problems else EXIT_OK
+    return EXIT_UNDELIVERED if report.problems else EXIT_OK
 
 
 def _dlq_drop(args) -> int:

@@ -5,11 +5,14 @@ The file is ``--config FILE``, else ``$RUNRELAY_CONFIG``, else ``runrelay.toml``
 ``$RUNRELAY_HOME`` (or ``$XDG_CONFIG_HOME/runrelay``) when it exists. Every key can be set
 from the environment as ``RUNRELAY_`` + the key in capitals with dots as underscores
 (``retry.max_seconds`` -> ``RUNRELAY_RETRY_MAX_SECONDS``); ``RUNRELAY_SINKS`` is
-comma-separated. Nothing is read at import time. docs/configuration.md lists every key.
+comma-separated. Sinks are named (``[sinks.NAME]`` tables with a ``url`` and the backend's
+options); a sink given by URL alone is named after what the URL names. Nothing is read at
+import time. docs/configuration.md lists every key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -19,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from runrelay.eventlog.location import default_journal_dir, runrelay_home
-from runrelay.sinks.base import redact
-from runrelay.sinks.registry import schemes
+from runrelay.sinks.base import SinkConfigError, redact
+from runrelay.sinks.registry import backend, schemes
 
 CONFIG_FILE_NAME = "runrelay.toml"
 STATE_DIR_NAME = "state"
@@ -35,6 +38,7 @@ DEFAULT_RETRY_MAX_SECONDS = 30.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
 DEFAULT_RETRY_JITTER_SECONDS = 1.0
 DEFAULT_RETRY_GIVE_UP_SECONDS = 60.0
+DEFAULT_RETRY_UNUSABLE_SECONDS = 60.0
 DEFAULT_SHUTDOWN_SECONDS = 10.0
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -61,6 +65,7 @@ class RetryPolicy:
     multiplier: float = DEFAULT_RETRY_MULTIPLIER
     jitter_seconds: float = DEFAULT_RETRY_JITTER_SECONDS
     give_up_seconds: float = DEFAULT_RETRY_GIVE_UP_SECONDS
+    unusable_seconds: float = DEFAULT_RETRY_UNUSABLE_SECONDS  # re-check a sink that cannot work as given
 
 
 @dataclass(frozen=True)
@@ -71,19 +76,30 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class SinkConfig:
+    """One configured sink: its name keys cursors, health, dead letters and logs."""
+
+    name: str
+    url: str = field(repr=False)  # may hold a password: never print it
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     journal: Path
     state: Path
-    sinks: tuple[str, ...] = field(repr=False)  # may hold passwords: print ``redacted_sinks``
+    sinks: tuple[SinkConfig, ...]
     delivery: Delivery = Delivery()
     retry: RetryPolicy = RetryPolicy()
     shutdown_seconds: float = DEFAULT_SHUTDOWN_SECONDS
     log_level: str = DEFAULT_LOG_LEVEL
     source: str | None = None  # the config file used, if any
+    journal_given: bool = True  # False: the default location, which the daemon may create
+    sinks_given: bool = True  # False: the built-in default sink
 
     @property
-    def redacted_sinks(self) -> list[str]:
-        return [redact(url) for url in self.sinks]
+    def sink_names(self) -> list[str]:
+        return [sink.name for sink in self.sinks]
 
 
 # --- value parsers: return the typed value or raise ValueError with a hint ------------------
@@ -138,20 +154,38 @@ def _log_level(value: Any) -> str:
     return value.upper()
 
 
-def _sink_list(value: Any) -> list[str]:
+_SINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAMED_URL = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})=(?P<url>[\w+.-]+://.*)$")
+
+
+def _sink_tables(value: Any) -> list[tuple[str | None, Any, dict]]:
+    """(name or None, url, options) per sink, from a list of URLs (each may be ``NAME=URL``,
+    as on the command line and in $RUNRELAY_SINKS) or from ``[sinks.NAME]`` tables."""
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
-    if not isinstance(value, list) or not all(isinstance(url, str) for url in value):
-        raise ValueError('expected a list of sink URLs, e.g. sinks = ["sqlite:////var/lib/runrelay/runs.sqlite"]')
-    if not value:
+    if isinstance(value, dict):
+        tables = []
+        for name, table in value.items():
+            if not _SINK_NAME.match(name):
+                raise ValueError(f"sink name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+            if not isinstance(table, dict) or not isinstance(table.get("url"), str):
+                raise ValueError(f'[sinks.{name}] needs url = "..." (e.g. url = "sqlite:////var/lib/runrelay/runs.sqlite")')
+            tables.append((name, table["url"], {key: item for key, item in table.items() if key != "url"}))
+    elif isinstance(value, list) and all(isinstance(url, str) for url in value):
+        named = [_NAMED_URL.match(url) for url in value]
+        tables = [(match["name"], match["url"], {}) if match else (None, url, {}) for match, url in zip(named, value)]
+    else:
+        raise ValueError('expected sink URLs, e.g. sinks = ["sqlite:////var/lib/runrelay/runs.sqlite"], '
+                         'or [sinks.NAME] tables with a url')
+    if not tables:
         raise ValueError("no sinks: give at least one sink URL (see `runrelay --help` for the schemes)")
-    return value
+    return tables
 
 
 _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "journal": _path,
     "state": _path,
-    "sinks": _sink_list,
+    "sinks": _sink_tables,
     "log_level": _log_level,
     "shutdown_seconds": _seconds(True),
     "delivery.batch_events": _positive_int,
@@ -162,6 +196,7 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "retry.multiplier": _multiplier,
     "retry.jitter_seconds": _seconds(False),
     "retry.give_up_seconds": _seconds(True),
+    "retry.unusable_seconds": _seconds(True),
 }
 
 
@@ -215,6 +250,7 @@ def defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "retry.multiplier": DEFAULT_RETRY_MULTIPLIER,
         "retry.jitter_seconds": DEFAULT_RETRY_JITTER_SECONDS,
         "retry.give_up_seconds": DEFAULT_RETRY_GIVE_UP_SECONDS,
+        "retry.unusable_seconds": DEFAULT_RETRY_UNUSABLE_SECONDS,
     }
 
 
@@ -229,7 +265,8 @@ def load(
     """Build the configuration from every layer; raise ConfigError listing every problem.
 
     ``overrides`` are command-line values by key (``{"journal": ..., "sinks": [...]}``);
-    None values are ignored.
+    None values are ignored. Command-line sinks are URLs (``NAME=URL`` to name one), which
+    replace the configured sinks, or names, which pick among them.
     """
     env = dict(os.environ if environ is None else environ)
     raw: dict[str, tuple[Any, str]] = {key: (value, "default") for key, value in defaults(env).items()}
@@ -244,10 +281,28 @@ def load(
     for key in _SETTINGS:
         if env.get(env_name(key)):
             raw[key] = (env[env_name(key)], f"${env_name(key)}")
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    picked = [item for item in overrides.get("sinks") or [] if "://" not in item]
+    if picked:
+        if len(picked) < len(overrides["sinks"]):
+            problems.append("--sink: give sink URLs (they replace the configured sinks) or the names of configured "
+                            "sinks (to pick among them), not both")
+        overrides["sinks"] = None
+    for key, value in overrides.items():
         if value is not None:
             raw[key] = (value, "--" + {"sinks": "sink"}.get(key, key).replace("_", "-"))
-    return validate(raw, env, problems, used_file)
+    config = validate(raw, env, problems, used_file)
+    return _picked(config, picked, raw["sinks"][1]) if picked else config
+
+
+def _picked(config: Config, names: list[str], origin: str) -> Config:
+    """Only the configured sinks named."""
+    unknown = [name for name in names if name not in config.sink_names]
+    if unknown:
+        raise ConfigError([f"--sink: no sink named {name!r} in {origin} (configured: "
+                           f"{', '.join(config.sink_names)}; a sink URL needs its scheme://)" for name in unknown])
+    return dataclasses.replace(config, sinks=tuple(sink for sink in config.sinks if sink.name in names),
+                               sinks_given=True)
 
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -297,8 +352,7 @@ def validate(
         except ValueError as error:
             problems.append(f"{origin}: {key}: {error}")
     if "sinks" in values:
-        values["sinks"] = [url for url in (_check_sink(url, raw["sinks"][1], env, problems) for url in values["sinks"])
-                           if url is not None]
+        values["sinks"] = _check_sinks(values["sinks"], raw["sinks"][1], env, problems)
     if values.get("retry.max_seconds", 1) < values.get("retry.initial_seconds", 0):
         problems.append(f"{raw['retry.max_seconds'][1]}: retry.max_seconds must be at least retry.initial_seconds")
     if problems:
@@ -307,10 +361,13 @@ def validate(
         journal=values["journal"],
         state=values["state"],
         sinks=tuple(values["sinks"]),
+        journal_given=raw["journal"][1] != "default",
+        sinks_given=raw["sinks"][1] != "default",
         delivery=Delivery(*(values[f"delivery.{name}"] for name in ("batch_events", "batch_wait_seconds",
                                                                     "rescan_seconds"))),
         retry=RetryPolicy(*(values[f"retry.{name}"] for name in ("initial_seconds", "max_seconds", "multiplier",
-                                                                 "jitter_seconds", "give_up_seconds"))),
+                                                                 "jitter_seconds", "give_up_seconds",
+                                                                 "unusable_seconds"))),
         shutdown_seconds=values["shutdown_seconds"],
         log_level=values["log_level"],
         source=source,
@@ -320,22 +377,48 @@ def validate(
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _check_sink(url: str, origin: str, environ: Mapping[str, str], problems: list[str]) -> str | None:
-    """Expand ``${VAR}`` references (keep passwords out of config files) and check the scheme."""
-    missing = [name for name in _ENV_REFERENCE.findall(url) if name not in environ]
+def _check_sinks(tables: list, origin: str, environ: Mapping[str, str], problems: list[str]) -> list[SinkConfig]:
+    """Each sink checked by its backend without I/O, named, and no two naming one database."""
+    sinks: list[SinkConfig] = []
+    identities: dict[str, str] = {}
+    for name, url, options in tables:
+        checked = _check_sink(name, url, options, origin, environ, problems)
+        if checked is None:
+            continue
+        sink, identity = checked
+        if identity in identities or sink.name in (known.name for known in sinks):
+            other = identities.get(identity, sink.name)
+            problems.append(f"{origin}: sinks {other!r} and {sink.name!r} are the same sink ({identity}): keep one")
+            continue
+        identities[identity] = sink.name
+        sinks.append(sink)
+    return sinks
+
+
+def _check_sink(name: str | None, url: str, options: dict, origin: str, environ: Mapping[str, str],
+                problems: list[str]) -> tuple[SinkConfig, str] | None:
+    """Expand ``${VAR}`` references (keep passwords out of config files), then let the
+    backend check the URL and options; the sink's name defaults to what the URL names."""
+    where = f"{origin}: sink {name}" if name else origin
+    missing = [variable for variable in _ENV_REFERENCE.findall(url) if variable not in environ]
     if missing:
-        problems.append(f"{origin}: sink {redact(url)} uses ${{{missing[0]}}}, which is not set in the environment")
+        problems.append(f"{where}: {redact(url)} uses ${{{missing[0]}}}, which is not set in the environment")
         return None
     url = _ENV_REFERENCE.sub(lambda match: environ[match.group(1)], url)
-    scheme, sep, rest = url.partition("://")
+    scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in schemes():
         close = difflib.get_close_matches(scheme.lower(), schemes(), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}://?" if close and sep else f"known schemes: {', '.join(schemes())}"
-        problems.append(f"{origin}: no sink for {redact(url)!r} ({hint})")
+        problems.append(f"{where}: no sink for {redact(url)!r} ({hint})")
         return None
-    if scheme.lower() == "sqlite" and rest.startswith("/") and not rest.startswith("//") and len(rest) > 1:
-        # sqlite:///relative.db names a file in the current directory: pin it, or the cursors
-        # (keyed by URL) would follow whichever directory the next command runs in
-        path, query_mark, query = rest[1:].partition("?")
-        url = f"sqlite:///{Path(path).expanduser().absolute()}{query_mark}{query}"
-    return url
+    try:
+        identity = backend(url).identity(url)
+    except SinkConfigError as error:
+        problems.append(f"{where}: {redact(url) if name is None else 'url'}: {error}")
+        return None
+    try:
+        parsed = backend(url).check_options(options)
+    except SinkConfigError as error:
+        problems.append(f"{where}: {error}")
+        return None
+    return SinkConfig(name or identity, url, parsed), identity

@@ -5,82 +5,135 @@ up another. Within a sink, runs take turns (one batch per run per pass), so a hu
 broken run never holds up the others:
 - a transient error is retried with backoff (``daemon.retry``) until it passes or the
   worker stops (one-shot mode gives up after the policy's budget);
-- a permanent error sends the event it names to the dead-letter queue and the rest of the
-  batch is applied without it (see ``apply_isolating``);
+- a permanent error sends the event at fault to the dead-letter queue and the rest of the
+  batch is applied without it (``apply_isolating``, the one place that finds the culprit);
+- a sink that cannot work as configured is said once and re-checked slowly;
 - a corrupt journal stops that run only: its good events are delivered, the damage is
-  logged and shown by ``runrelay status``.
+  logged and shown by ``runrelay status``;
+- dead letters that ``runrelay dlq retry`` asked for are re-driven between passes, through
+  the sink's ``redeliver``.
+Anything else a sink raises is a bug: the worker records it and crashes, visibly.
 """
 
 from __future__ import annotations
 
-import copy
+import datetime as dt
+import heapq
 import logging
 import threading
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Callable, Sequence
 
 from runrelay.daemon import retry
 from runrelay.daemon.config import Delivery, RetryPolicy
-from runrelay.daemon.dlq import DeadLetters
+from runrelay.daemon.dlq import DeadLetters, Letter
 from runrelay.daemon.state import Cursor, StateStore
-from runrelay.daemon.supervisor import LoopFailed
-from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
-from runrelay.eventlog.events import Event, Kind
+from runrelay.daemon.supervisor import Liveness
 from runrelay.eventlog import codec
-from runrelay.eventlog.fold import MalformedEvent, RunState, fold, fold_event, from_snapshot, snapshot
+from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.events import Event, Kind, Points
+from runrelay.eventlog.fold import (
+    SETS, MalformedEvent, RunState, fold_changes, fold_event, from_snapshot, metric_point, passed, snapshot,
+)
 from runrelay.eventlog.reader import Journal, Position
-from runrelay.sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError
+from runrelay.sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError, UnusableSinkError
 
 log = logging.getLogger("runrelay.delivery")
 
-# After these, nothing more is appended to a run; a DIED verdict can still be withdrawn.
-FINAL_KINDS = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.INTERRUPTED})
+Refuse = Callable[[Event, str], None]
+Send = Callable[[Callable[[], object]], object]
 
 
-def apply_isolating(
-    sink: Sink,
-    run: str,
-    events: Sequence[Event],
-    state_before: RunState,
-    send: Callable[[Callable[[], None]], None],
-    refuse: Callable[[Event, str], None],
-    redelivery: bool = False,
-) -> RunState:
-    """Apply ``events`` through ``send`` (the retry wrapper), setting aside refused events.
+class Stretch:
+    """Contiguous records of one run, read at once, made into batches without the events
+    refused so far. ``state`` is the run folded through the record before the first."""
 
-    ``state_before`` is the run folded up to the batch; each attempt folds the remaining
-    events on a copy of it, so a refused event's values never reach the sink through the
-    state. On PermanentSinkError the event it names, or the first remaining one when it
-    names none in the batch, is handed to ``refuse`` (the dead-letter queue, durable
-    before the rest is applied) and the rest is applied again. Every refusal shrinks the
-    batch, so this ends after at most ``len(events)`` applies. Returns the state folded
-    through what was applied.
+    def __init__(self, run: str, state: RunState, events: Sequence[Event], points: Points, first_seq: int,
+                 last_seq: int):
+        self.run, self.state, self.events, self.points = run, state, events, points
+        self.first_seq, self.last_seq = first_seq, last_seq
+        self.refused: set[int] = set()
+
+    def batch(self, refuse: Refuse, through: int | None = None) -> Batch:
+        """The batch through ``through`` (default: all). A malformed event is refused here."""
+        through = self.last_seq if through is None else through
+        state, changed = self.state, set()
+        for event in self.events:
+            if event.seq > through:
+                break
+            if event.seq in self.refused:
+                continue
+            try:
+                folded = fold_changes(state, [event])
+            except MalformedEvent as error:
+                self.refuse(event, str(error), refuse)
+                continue
+            state, changed = folded.state, changed | folded.changed
+        points = self.points.before(through + 1)
+        if self.refused & set(points.seqs):
+            points = points.only(frozenset(points.seqs) - self.refused)
+        skipped = frozenset(seq for seq in self.refused if seq <= through)
+        return Batch(self.run, self.first_seq, through, passed(state, through), frozenset(changed), points, skipped)
+
+    def covered(self) -> list[int]:
+        """Every seq a batch of the whole stretch carries, in order."""
+        seqs = heapq.merge((event.seq for event in self.events), self.points.seqs)
+        return [seq for seq in seqs if seq not in self.refused]
+
+    def event(self, seq: int) -> Event:
+        """The event at ``seq``, a metric point made an event again for the dead-letter queue."""
+        for event in self.events:
+            if event.seq == seq:
+                return event
+        index = self.points.seqs.index(seq)
+        timestamp = self.points.timestamps[index]
+        body = {"name": self.points.names[index], "step": self.points.steps[index],
+                "value": self.points.values[index], "timestamp": timestamp}
+        appended = dt.datetime.now(dt.timezone.utc) if timestamp is None else timestamp.replace(tzinfo=dt.timezone.utc)
+        return Event(self.run, seq, Kind.METRICS, appended, body)
+
+    def refuse(self, event: Event, reason: str, refuse: Refuse) -> None:
+        refuse(event, reason)
+        self.refused.add(event.seq)
+
+
+def apply_isolating(apply: Callable[[Batch], None], stretch: Stretch, send: Send, refuse: Refuse) -> Batch:
+    """Apply the stretch through ``send`` (the retry wrapper), setting aside refused events.
+
+    On PermanentSinkError the event it names is refused; when it names none the batch holds,
+    prefixes are applied (bisecting: a prefix that succeeds is committed, and the sink skips
+    it later) until the first event whose prefix fails is found. A refused event goes to
+    ``refuse`` (the dead-letter queue, durable before the rest is applied) and the rest is
+    applied again, folded without it, so its values never reach the sink through the state.
+    Each refusal removes one event: this ends. Returns the batch applied.
     """
-    remaining = list(events)
-    state = state_before
-    while remaining:
+    while True:
+        batch = stretch.batch(refuse)
         try:
-            state = fold(remaining, copy.deepcopy(state_before))
-            send(lambda: sink.apply(Batch(run, tuple(remaining), state, redelivery)))
-            break
-        except (PermanentSinkError, MalformedEvent) as error:  # a malformed body is refused like a bad value
-            index = next((i for i, event in enumerate(remaining) if event.seq == error.seq), 0)
-            refuse(remaining.pop(index), str(error))
-            state = state_before
-    if not remaining:
-        state = copy.deepcopy(state_before)
-    # Folded through the whole batch, refused events left out: the saved snapshot fits the cursor.
-    state.last_seq = max(state.last_seq, events[-1].seq)
-    return state
+            send(lambda: apply(batch))
+            return batch
+        except PermanentSinkError as error:
+            if error.seq is not None and batch.covers(error.seq):
+                culprit, reason = error.seq, str(error)
+            else:
+                culprit, reason = _culprit(apply, stretch, send, refuse, error)
+            stretch.refuse(stretch.event(culprit), reason, refuse)
 
 
-def fold_sound(state: RunState, event: Event) -> None:
-    """Fold ``event`` unless its body is malformed: such an event is (or will be) refused by
-    ``apply_isolating``, so a fold from the journal passes over it rather than crashing."""
-    try:
-        fold_event(state, event)
-    except MalformedEvent:
-        pass
+def _culprit(apply, stretch: Stretch, send: Send, refuse: Refuse, error: PermanentSinkError) -> tuple[int, str]:
+    """The first seq whose prefix of the stretch the sink refuses, and why."""
+    seqs = stretch.covered()
+    low, high, reason = 0, len(seqs) - 1, str(error)  # the prefix through seqs[high] fails
+    while low < high:
+        middle = (low + high) // 2
+        prefix = stretch.batch(refuse, through=seqs[middle])
+        try:
+            send(lambda: apply(prefix))
+            low = middle + 1
+        except PermanentSinkError as failure:
+            high, reason = middle, str(failure)
+    return seqs[low], reason
 
 
 @dataclass
@@ -97,130 +150,136 @@ class Outcome:
     """What a worker left undone, for ``runrelay sync`` and the logs."""
 
     gave_up: str | None = None  # the sink stayed down past the retry budget
+    unusable: str | None = None  # the sink cannot work as configured
     stopped_runs: dict[str, str] = field(default_factory=dict)
+    redriven: int = 0
+    refused_again: int = 0
 
 
 class SinkWorker:
-    """Delivers every run of a journal to one sink; ``run`` is its loop."""
+    """Delivers every run of a journal to one sink; ``run`` is its loop.
 
-    def __init__(
-        self,
-        sink: Sink,
-        key: str,
-        journal: Journal,
-        store: StateStore,
-        letters: DeadLetters,
-        delivery: Delivery,
-        policy: RetryPolicy,
-        wake: threading.Event,
-        drain_to: dict[str, int] | None = None,
-        on_progress: Callable[[int], None] = lambda count: None,
-    ):
+    ``until_us`` makes it one-shot (``runrelay sync``): deliver each run's events appended
+    up to that time (µs since the epoch), re-drive requested letters, then return, giving
+    up on a sink that stays down. ``redrive_only``: only the requested letters.
+    """
+
+    def __init__(self, sink: Sink, identity: str, journal: Journal, store: StateStore, letters: DeadLetters,
+                 delivery: Delivery, policy: RetryPolicy, wake: threading.Event, until_us: int | None = None,
+                 on_progress: Callable[[int, int], None] = lambda events, nbytes: None, redrive_only: bool = False):
         self.sink = sink
-        self.key = key  # the sink's redacted URL: its name in state, logs and status
         self.journal = journal
         self.store = store
         self.letters = letters
         self.delivery = delivery
         self.policy = policy
         self.wake = wake
-        # One-shot: deliver each run up to this seq (the journal's end when the command
-        # started), then return; give up on a sink that stays down.
-        self.drain_to = drain_to
+        self.until_us = until_us
+        self.redrive_only = redrive_only
         self.on_progress = on_progress
-        self.health = retry.SinkHealth(key, store)
+        self.liveness = Liveness()
+        self.health = retry.SinkHealth(sink.name, store, identity, None if until_us is None else policy.give_up_seconds)
         self.outcome = Outcome()
         self._runs: dict[str, _Run] = {}
 
     @property
     def name(self) -> str:
-        return f"sink {self.key}"
+        return f"sink {self.sink.name}"
+
+    @property
+    def one_shot(self) -> bool:
+        return self.until_us is not None
 
     def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set (one-shot: until ``drain_to`` is reached)."""
+        """Deliver until ``stop`` is set (one-shot: until nothing is left)."""
         try:
-            try:
-                self._send(self.sink.open, stop)
-            except PermanentSinkError as error:
-                raise LoopFailed(f"cannot be used: {error}") from None
-            self._runs = {run: _Run(cursor) for run, cursor in self.store.cursors(self.key).items()}
+            self._runs = {run: _Run(cursor) for run, cursor in self.store.cursors(self.sink.name).items()}
             while not stop.is_set():
-                self.wake.clear()
-                delivered = self._pass(stop)
-                if self.drain_to is not None and (self._drained() or not delivered):
+                try:
+                    self._send(self.sink.open, stop)
+                    self._deliver(stop)
                     return
-                if delivered:
-                    continue
-                self.wake.wait()
-                stop.wait(self.delivery.batch_wait_seconds)  # let a live run's burst gather
+                except UnusableSinkError as error:
+                    self.health.unusable(error, self.policy.unusable_seconds)
+                    self.outcome.unusable = str(error)
+                    self.sink.close()
+                    if self.one_shot:
+                        return
+                    with self.liveness.idle():
+                        stop.wait(self.policy.unusable_seconds)
         except TransientSinkError as error:  # only when stopping, or past a one-shot's budget
             if not stop.is_set():
                 self.outcome.gave_up = str(error)
-                log.error("sink %s: giving up after %.0f s of retries: %s", self.key, self.policy.give_up_seconds,
-                          error)
+                log.error("sink %s: giving up after %.0f s of retries: %s", self.sink.name,
+                          self.policy.give_up_seconds, error)
+        except Exception as error:
+            self.health.crashed(error)  # the supervisor logs the traceback
+            raise
         finally:
             self.sink.close()
 
     def _send(self, function: Callable[[], object], stop: threading.Event):
-        return retry.call(function, self.policy, stop, self.health, give_up=self.drain_to is not None)
+        return retry.call(function, self.policy, stop, self.health, self.liveness, give_up=self.one_shot)
+
+    def _deliver(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.liveness.beat()
+            self.wake.clear()
+            self._redrive_requested(stop)
+            if self.redrive_only:
+                return
+            delivered = self._pass(stop)
+            if self.one_shot and not delivered:
+                return
+            if delivered:
+                continue
+            with self.liveness.idle():
+                self.wake.wait()
+                stop.wait(self.delivery.batch_wait_seconds)  # let a live run's burst gather
 
     def _pass(self, stop: threading.Event) -> bool:
         """One batch for each run with something pending; True if anything was delivered."""
         delivered = False
-        for run in self.journal.runs() if self.drain_to is None else list(self.drain_to):
+        for run in self.journal.runs():
             if stop.is_set():
                 break
-            if self._pending(run):
-                delivered |= self._deliver_batch(run, self._runs[run], stop) > 0
+            known = self._runs.setdefault(run, _Run(Cursor()))
+            if not known.cursor.done and not known.stopped:
+                delivered |= self._deliver_batch(run, known, stop) > 0
         return delivered
 
-    def _pending(self, run: str) -> bool:
-        """Worth a look: not ended, not stopped, and (one-shot) short of ``drain_to``.
-
-        A one-shot stops where the journal ended when it started, not at its current end,
-        so ``sync`` finishes while an experiment writes faster than the sink takes it.
-        """
-        known = self._runs.setdefault(run, _Run(Cursor()))
-        if known.cursor.done or known.stopped:
-            return False
-        return self.drain_to is None or known.cursor.position.seq < self.drain_to[run]
-
-    def _drained(self) -> bool:
-        return not any(self._pending(run) for run in self.drain_to)
-
     def _deliver_batch(self, run: str, known: _Run, stop: threading.Event) -> int:
-        """Deliver the run's next batch; returns how many events it held."""
+        """Deliver the run's next batch; returns how many records it held."""
         try:
-            events, end, corrupt = self._read_batch(run, known.cursor.position)
-            if not events and not corrupt:
-                return 0  # fully delivered: nothing to fold
             if known.state is None:
-                before = known.cursor.position
                 self._catch_up(run, known, stop)
                 if known.cursor.done:
-                    known.state = None
                     return 0
-                if known.cursor.position != before:  # the sink already held some of them
-                    events, end, corrupt = self._read_batch(run, known.cursor.position)
+            start = known.cursor.position
+            records = self.journal.read_batch(run, start, self.delivery.batch_events, self.until_us)
         except JournalCorrupt as corrupt:
             self._stop_run(run, known, corrupt)
             return 0
         except UnknownRun:
             self._runs.pop(run, None)  # removed by retention meanwhile
             return 0
-        if events:
-            letters_before = known.cursor.dead_lettered
-            known.state = apply_isolating(self.sink, run, events, known.state, lambda fn: self._send(fn, stop),
-                                          lambda event, reason: self._refuse(known, event, reason))
-            known.cursor.position = end
-            known.cursor.done = events[-1].kind in FINAL_KINDS
-            self.store.save_cursor(self.key, run, known.cursor, self._snapshot(known))
+        if records.records:
+            stretch = Stretch(run, known.state, records.events, records.points, start.seq, records.end.seq - 1)
+            refused_before = known.cursor.dead_lettered
+            batch = apply_isolating(self.sink.apply, stretch, lambda fn: self._send(fn, stop),
+                                    lambda event, reason: self._refuse(known, event, reason))
+            self._log_lifecycle(run, known.state, batch.state)
+            known.state = batch.state
+            known.cursor.position = records.end
+            known.cursor.done = known.state.ended
+            self.store.save_cursor(self.sink.name, run, known.cursor, self._snapshot(known))
             if known.cursor.done:
                 known.state = None  # nothing more will come: free the memory
-            self.on_progress(len(events) - (known.cursor.dead_lettered - letters_before))
-        if corrupt:
-            self._stop_run(run, known, corrupt)
-        return len(events)
+            delivered = records.records - (known.cursor.dead_lettered - refused_before)
+            self.on_progress(delivered, self.journal.bytes_between(run, start, records.end))
+        if records.corrupt:
+            self._stop_run(run, known, records.corrupt)
+        return records.records
 
     def _catch_up(self, run: str, known: _Run, stop: threading.Event) -> None:
         """Fold the run up to where the sink is: the cursor, or further if the sink says so.
@@ -233,80 +292,138 @@ class SinkWorker:
             # Nothing was dead-lettered, so the sink lost events it had committed (restored
             # from a backup, a failover to a lagging replica): it is the truth, deliver again.
             log.warning("sink %s holds run %s only through seq %d, the cursor was at %d: the sink lost data; "
-                        "delivering again from seq %d", self.key, run, applied, known.cursor.position.seq,
+                        "delivering again from seq %d", self.sink.name, run, applied, known.cursor.position.seq,
                         applied + 1)
             known.cursor.position = Position(seq=applied + 1)
-            self.store.rewind_cursor(self.key, run, known.cursor)
+            self.store.rewind_cursor(self.sink.name, run, known.cursor)
         target = max(known.cursor.position.seq, applied + 1)
         known.state = self._restore(run, target)
         if known.state is not None:
             return
-        state = RunState(run, track_metrics=self.sink.wants_metric_history)
-        position, last = Position(), None
-        if target > 0:
-            refused = self.letters.seqs(run)
-            reader = self.journal.read(run, 0)
-            try:
-                for last, position in reader:
-                    if last.seq not in refused:  # as apply_isolating folded them: without
-                        fold_sound(state, last)
-                    if last.seq + 1 >= target:
-                        break
-            finally:
-                reader.close()
-            state.last_seq = position.seq - 1
-        known.state = state
-        skipped = position.seq - known.cursor.position.seq
-        if skipped > 0:
+        known.state, position = self._refold(run, target)
+        if position.seq > known.cursor.position.seq:
+            skipped = position.seq - known.cursor.position.seq
             known.cursor.position = position
-            known.cursor.done = last.kind in FINAL_KINDS
-            self.store.save_cursor(self.key, run, known.cursor)
-            self.on_progress(skipped)
+            known.cursor.done = known.state.ended
+            self.store.save_cursor(self.sink.name, run, known.cursor)
+            self.on_progress(skipped, 0)
+
+    def _refold(self, run: str, target: int) -> tuple[RunState, Position]:
+        """The run folded from the journal through ``target - 1`` (as ``apply_isolating``
+        folded it: without its dead letters and malformed events), and where that ends."""
+        refused = self.letters.seqs(run)
+        state, position = RunState(run), Position()
+        while position.seq < target:
+            records = self.journal.read_batch(run, position, min(self.delivery.batch_events, target - position.seq))
+            for event in records.events:
+                if event.seq not in refused:
+                    state = _fold_sound(state, event)
+            if records.records:
+                state, position = passed(state, records.end.seq - 1), records.end
+            if records.corrupt or not records.records:
+                break
+        return state, position
 
     def _snapshot(self, known: _Run) -> bytes | None:
-        if known.cursor.done or self.sink.wants_metric_history:
-            return None  # nothing more to fold, or too big to save with every cursor
-        return codec.encode(snapshot(known.state))
+        return None if known.cursor.done else codec.encode(snapshot(known.state))
 
     def _restore(self, run: str, target: int) -> RunState | None:
         """The saved state folded through ``target - 1``, if the cursor saved one."""
-        saved = None if self.sink.wants_metric_history else self.store.snapshot(self.key, run)
+        saved = self.store.snapshot(self.sink.name, run)
         if saved is None:
             return None
         try:
             state = from_snapshot(codec.decode(saved))
         except (ValueError, TypeError) as error:
-            log.warning("sink %s: run %s: saved state unreadable (%s); folding the journal instead", self.key, run,
-                        error)
+            log.warning("sink %s: run %s: saved state unreadable (%s); folding the journal instead", self.sink.name,
+                        run, error)
             return None
         return state if state.last_seq + 1 == target else None
-
-    def _read_batch(self, run: str, start: Position) -> tuple[list[Event], Position, JournalCorrupt | None]:
-        """Up to ``batch_events`` events from ``start``; damage ends the batch, after the good events."""
-        events: list[Event] = []
-        end = start
-        reader = self.journal.read(run, start)
-        try:
-            for event, end in reader:
-                events.append(event)
-                if len(events) >= self.delivery.batch_events:
-                    break
-        except JournalCorrupt as corrupt:
-            return events, end, corrupt
-        finally:
-            reader.close()
-        return events, end, None
 
     def _refuse(self, known: _Run, event: Event, reason: str) -> None:
         self.letters.put(event, reason)
         known.cursor.dead_lettered += 1
         known.cursor.last_error = reason
         log.error("sink %s refused run %s seq %d (%s): %s; kept in the dead-letter queue "
-                  "(see runrelay dlq list)", self.key, event.run, event.seq, event.kind.value, reason)
+                  "(see runrelay dlq list)", self.sink.name, event.run, event.seq, event.kind.value, reason)
 
     def _stop_run(self, run: str, known: _Run, corrupt: JournalCorrupt) -> None:
         known.stopped = str(corrupt)
         known.state = None
         self.outcome.stopped_runs[run] = str(corrupt)
         log.error("sink %s: stopped delivering run %s after seq %d: %s (check it with runrelay journal verify %s)",
-                  self.key, run, known.cursor.position.seq - 1, corrupt, run)
+                  self.sink.name, run, known.cursor.position.seq - 1, corrupt, run)
+
+    def _log_lifecycle(self, run: str, before: RunState, after: RunState) -> None:
+        if after.status != before.status:
+            log.info("sink %s: run %s is %s", self.sink.name, run, after.status)
+
+    # --- re-driving dead letters ---------------------------------------------------------------
+
+    def _redrive_requested(self, stop: threading.Event) -> None:
+        """Re-drive the letters ``runrelay dlq retry`` asked for, one event per batch."""
+        requested = self.store.redrive_requests(self.sink.name)
+        if not requested:
+            return
+        held = [letter for letter in self.letters.letters() if letter.id in requested]
+        for gone in requested - {letter.id for letter in held}:
+            self.store.redrive_done(self.sink.name, gone)  # dropped or delivered meanwhile
+        for run, group in groupby(sorted(held, key=lambda letter: (letter.run, letter.seq)), lambda l: l.run):
+            group = list(group)
+            state = self._redrive_state(run, group, stop)
+            for letter in group:
+                self._redrive(letter, state, stop)
+            if run in self._runs:
+                self._runs[run].state = None  # fold it again, with what the sink now holds
+
+    def _redrive(self, letter: Letter, state: RunState, stop: threading.Event) -> None:
+        try:
+            batch = letter_batch(letter.event(), state)
+            self._send(lambda: self.sink.redeliver(batch), stop)
+        except (PermanentSinkError, MalformedEvent) as error:
+            self.letters.refused_again(letter, str(error))
+            self.outcome.refused_again += 1
+            log.error("sink %s refused dead letter %d (run %s seq %d) again: %s", self.sink.name, letter.id,
+                      letter.run, letter.seq, error)
+        else:
+            self.letters.delivered(letter)
+            self.outcome.redriven += 1
+            log.info("sink %s took dead letter %d (run %s seq %d)", self.sink.name, letter.id, letter.run,
+                     letter.seq)
+        self.store.redrive_done(self.sink.name, letter.id)
+
+    def _redrive_state(self, run: str, letters: list[Letter], stop: threading.Event) -> RunState:
+        """The run folded through what the sink holds, the letters included: from the
+        journal, or from the letters alone once retention has removed it."""
+        applied = self._send(lambda: self.sink.applied(run), stop)
+        through = max(applied, letters[-1].seq)
+        state = RunState(run)
+        try:
+            for event in self.journal.events(run):
+                if event.seq > through:
+                    break
+                state = _fold_sound(state, event)
+        except (UnknownRun, JournalCorrupt):
+            pass  # gone or damaged: what was folded stands, the letters fill in below
+        for letter in letters:
+            state = _fold_sound(state, letter.event())  # skips what the journal already gave
+        return passed(state, through)
+
+
+def letter_batch(event: Event, state: RunState) -> Batch:
+    """The batch that re-delivers one dead letter: ``state`` is the run folded through what
+    the sink holds, the letter included."""
+    points = Points()
+    if event.kind is Kind.METRICS:
+        points.add(*metric_point(event))
+    return Batch(event.run, event.seq, event.seq, state, SETS[event.kind], points)
+
+
+def _fold_sound(state: RunState, event: Event) -> RunState:
+    """``event`` folded, unless it is malformed: such an event is refused by
+    ``apply_isolating``, so a fold from the journal passes over it."""
+    try:
+        return fold_event(state, event)
+    except MalformedEvent:
+        return passed(state, event.seq)
+

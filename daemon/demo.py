@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from runrelay.daemon.config import Config
+from runrelay.daemon.config import Config, SinkConfig
+from runrelay.sinks.registry import backend
 from runrelay.daemon.service import EXIT_UNDELIVERED, EXIT_USAGE, run_sync
 
 EXPERIMENT_MODULE = "runrelay.daemon.demo_experiment"
@@ -50,7 +51,8 @@ def run_demo(directory: Path) -> int:
     except DemoFailed as error:
         print(f"runrelay: demo failed: {error}", file=sys.stderr)
         return EXIT_UNDELIVERED
-    config = Config(journal=journal, state=directory / "state", sinks=(f"sqlite:///{database}",))
+    url = f"sqlite:///{database}"
+    config = Config(journal=journal, state=directory / "state", sinks=(SinkConfig(backend(url).identity(url), url),))
     print("\n  replaying the journal into SQLite (as `runrelay sync` does) ...", flush=True)
     report = run_sync(config, progress=True)
     for problem in report.problems:

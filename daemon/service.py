@@ -1,4 +1,4 @@
-"""The daemon's entry points as a library: ``run_daemon``, ``run_sync``, ``collect_status``, DLQ commands.
+"""The daemon's entry points as a library: ``run_daemon``, ``run_sync``, ``collect_status``, dead letters.
 
 The CLI is a thin layer over these; tests and the demo call them too. They take a
 validated ``Config``; a problem the user can fix raises ``UserError`` (exit 2 in the
@@ -18,24 +18,26 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runrelay.daemon.config import Config
+from runrelay.daemon.config import Config, SinkConfig
 from runrelay.daemon.delivery import SinkWorker
 from runrelay.daemon.discovery import Discovery, Doorbell
 from runrelay.daemon.dlq import DeadLetters, Letter
 from runrelay.daemon.notify import Notifier
-from runrelay.daemon.redrive import redrive
-from runrelay.daemon.state import DeliveryLock, Health, StateStore
+from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore
 from runrelay.daemon.status import SinkStatus, sink_status
 from runrelay.daemon.supervisor import Supervisor
+from runrelay.eventlog.events import micros_now
 from runrelay.eventlog.fsutil import make_private_dir
 from runrelay.eventlog.reader import Journal
-from runrelay.sinks.base import redact
-from runrelay.sinks.registry import UnknownSinkError, sink_for
+from runrelay.sinks.registry import backend, sink_for
 
 EXIT_OK = 0
 EXIT_UNDELIVERED = 1  # something is left undelivered, or a loop crashed, or shutdown overran
 EXIT_USAGE = 2  # bad configuration or arguments: nothing was done
 MAIN_TICK_SECONDS = 0.2
+TOTALS_SECONDS = 60.0  # how often the daemon logs what it delivered
+REDRIVE_POLL_SECONDS = 0.2
+STUCK_MARGIN_SECONDS = 30.0  # beyond a sink's call timeout, before a worker counts as stuck
 
 log = logging.getLogger("runrelay")
 
@@ -48,13 +50,15 @@ class UserError(Exception):
 
 
 def open_journal(config: Config, create: bool = False) -> Journal:
+    """The journal to deliver. Only the default location is created when missing (the
+    daemon may start before the first experiment); a journal given by name must exist."""
     root = config.journal
     if root.exists() and not root.is_dir():
         raise UserError(f"the journal {root} is not a directory: set --journal or $RUNRELAY_JOURNAL")
     if not root.exists():
-        if not create:
-            raise UserError(f"no journal at {root}: run an experiment with a journal there first, "
-                            "or point --journal / $RUNRELAY_JOURNAL at one")
+        if not create or config.journal_given:
+            raise UserError(f"no journal at {root}: check --journal / $RUNRELAY_JOURNAL / the config file, "
+                            "or run an experiment with a journal there first")
         make_private_dir(root)
     if not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"cannot read the journal {root}: run as its owner or fix its permissions")
@@ -74,20 +78,16 @@ def _lock(config: Config) -> DeliveryLock:
     return lock
 
 
-def _workers(config: Config, journal: Journal, store: StateStore, doorbell: Doorbell,
-             drain_to: dict[str, dict[str, int]] | None = None, on_progress=lambda count: None) -> list[SinkWorker]:
-    """One worker per sink; ``drain_to`` (one-shot) holds each sink's targets, by its redacted URL."""
-    workers = []
-    for url in config.sinks:
-        key = redact(url)
-        try:
-            sink = sink_for(url, journal.blob)
-        except UnknownSinkError as error:
-            raise UserError(str(error)) from error
-        workers.append(SinkWorker(sink, key, journal, store, DeadLetters(config.state, key), config.delivery,
-                                  config.retry, doorbell.subscribe(), None if drain_to is None else drain_to[key],
-                                  on_progress))
-    return workers
+def _worker(sink: SinkConfig, journal: Journal, store: StateStore, config: Config, doorbell: Doorbell,
+            **one_shot) -> SinkWorker:
+    return SinkWorker(sink_for(sink.name, sink.url, sink.options, journal), backend(sink.url).identity(sink.url),
+                      journal, store, DeadLetters(config.state, sink.name), config.delivery, config.retry,
+                      doorbell.subscribe(), **one_shot)
+
+
+def _supervise(supervisor: Supervisor, worker: SinkWorker) -> None:
+    stuck = worker.sink.timeout_seconds * 2 + STUCK_MARGIN_SECONDS
+    supervisor.add(worker.name, worker.run, essential=False, liveness=worker.liveness, stuck_seconds=stuck)
 
 
 class _Signals:
@@ -128,38 +128,75 @@ def run_daemon(config: Config) -> int:
             supervisor = Supervisor()
             doorbell = Doorbell()
             supervisor.on_stop(doorbell.ring)
-            workers = _workers(config, journal, store, doorbell)
+            workers = [_worker(sink, journal, store, config, doorbell) for sink in config.sinks]
             for worker in workers:
-                supervisor.add(worker.name, worker.run)
+                _supervise(supervisor, worker)
             supervisor.add(Discovery.name, Discovery(journal.root, config.delivery.rescan_seconds, doorbell).run)
-            clean = _serve(config, supervisor, signals, len(workers))
+            failed = _serve(config, supervisor, signals, workers)
+            clean = supervisor.stop(config.shutdown_seconds)
             if clean:
                 store.close()  # else a loop may still use it; the process exits anyway
         finally:
             lock.release()
-    if supervisor.crashed or not clean:
+    if failed or not clean:
         return EXIT_UNDELIVERED
     log.info("stopped; cursors saved")
     return EXIT_OK
 
 
-def _serve(config: Config, supervisor: Supervisor, signals: _Signals, sinks: int) -> bool:
-    """Run until a signal or a loop's end; True if every loop then stopped in time."""
+def _serve(config: Config, supervisor: Supervisor, signals: _Signals, workers: list[SinkWorker]) -> bool:
+    """Run until a signal or an essential loop's end; True for the latter (a failure).
+
+    systemd's WATCHDOG=1 goes out only while every loop is healthy (running, and making
+    progress or waiting on purpose): a crashed or stuck sink worker lets systemd restart us.
+    """
     notifier = Notifier()
-    log.info("delivering journal %s to %s (state %s, config %s)", config.journal,
-             ", ".join(config.redacted_sinks), config.state, config.source or "no config file")
+    log.info("delivering journal %s to %s (state %s, config %s)", config.journal, ", ".join(config.sink_names),
+             config.state, config.source or "no config file")
     supervisor.start()
-    notifier.send("READY=1", f"STATUS=delivering to {sinks} sink(s)")
+    notifier.send("READY=1", f"STATUS=delivering to {len(workers)} sink(s)")
     next_ping = 0.0
-    while signals.received is None and not supervisor.finished:
+    totals = _Totals(workers)
+    while signals.received is None and not supervisor.essential_ended:
         supervisor.wait(MAIN_TICK_SECONDS)
-        if notifier.watchdog_seconds and time.monotonic() >= next_ping and not supervisor.finished:
+        now = time.monotonic()
+        if notifier.watchdog_seconds and now >= next_ping and supervisor.healthy():
             notifier.send("WATCHDOG=1")
-            next_ping = time.monotonic() + notifier.watchdog_seconds
-    reason = f"signal {signal.Signals(signals.received).name}" if signals.received else "a loop failed"
+            next_ping = now + notifier.watchdog_seconds
+        totals.maybe_log(now)
+    failed = signals.received is None
+    reason = "a loop failed" if failed else f"signal {signal.Signals(signals.received).name}"
     log.info("stopping (%s): finishing batches in flight", reason)
     notifier.send("STOPPING=1")
-    return supervisor.stop(config.shutdown_seconds)
+    return failed
+
+
+class _Totals:
+    """What the daemon delivered, logged at INFO every TOTALS_SECONDS (when it delivered anything)."""
+
+    def __init__(self, workers: list[SinkWorker]):
+        self._counts = {worker.sink.name: 0 for worker in workers}
+        self._lock = threading.Lock()
+        self._next = time.monotonic() + TOTALS_SECONDS
+        for worker in workers:
+            worker.on_progress = self._counter(worker.sink.name)
+
+    def _counter(self, name: str):
+        def count(events: int, _bytes: int) -> None:
+            with self._lock:
+                self._counts[name] += events
+
+        return count
+
+    def maybe_log(self, now: float) -> None:
+        if now < self._next:
+            return
+        self._next = now + TOTALS_SECONDS
+        with self._lock:
+            counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+        if any(counts.values()):
+            log.info("delivered in the last %.0f s: %s", TOTALS_SECONDS,
+                     ", ".join(f"{name} {count} event(s)" for name, count in counts.items()))
 
 
 # --- sync -----------------------------------------------------------------------------------
@@ -176,34 +213,37 @@ class SyncReport:
 
 
 def run_sync(config: Config, progress: bool = True) -> SyncReport:
-    """Deliver everything pending once, then return what is left undelivered."""
+    """Deliver everything appended before this call once, then return what is left undelivered."""
+    until_us = micros_now()
     journal = open_journal(config)
     lock = _lock(config)
     store = StateStore.open(config.state)
     try:
-        return _sync(config, journal, store, progress)
+        return _run_one_shot(config, journal, store, progress, until_us=until_us)
     finally:
         store.close()
         lock.release()
 
 
-def _sync(config: Config, journal: Journal, store: StateStore, progress: bool) -> SyncReport:
-    pending = {key: sink_status(journal, key, store.cursors(key), Health(), 0) for key in config.redacted_sinks}
-    bar = tqdm(total=sum(status.pending_events for status in pending.values()), unit="event", desc="sync", file=sys.stderr, disable=not progress, leave=False)
+def _run_one_shot(config: Config, journal: Journal, store: StateStore, progress: bool, sinks=None,
+                  **one_shot) -> SyncReport:
+    sinks = config.sinks if sinks is None else sinks
+    bar = tqdm(total=_pending_bytes(journal, store, sinks) or None, unit="B", unit_scale=True, desc="sync", file=sys.stderr,
+               disable=not progress, leave=False)
     counted = threading.Lock()
     report = SyncReport()
 
-    def on_progress(count: int) -> None:
+    def on_progress(events: int, nbytes: int) -> None:
         with counted:
-            report.delivered += count
-            bar.update(count)
+            report.delivered += events
+            bar.update(nbytes)
 
     supervisor = Supervisor()
     doorbell = Doorbell()
-    workers = _workers(config, journal, store, doorbell, {key: status.ends for key, status in pending.items()},
-                       on_progress)
+    workers = [_worker(sink, journal, store, config, doorbell, on_progress=on_progress, **one_shot)
+               for sink in sinks]
     for worker in workers:
-        supervisor.add(worker.name, worker.run)
+        _supervise(supervisor, worker)
     with _Signals() as signals, logging_redirect_tqdm():  # log lines above the bar, not through it
         supervisor.start()
         while signals.received is None and not supervisor.all_finished:
@@ -213,21 +253,37 @@ def _sync(config: Config, journal: Journal, store: StateStore, progress: bool) -
         supervisor.stop(config.shutdown_seconds)
     bar.close()
     for worker in workers:
-        report.problems += _left_undelivered(worker, supervisor, pending[worker.key].corrupt_runs)
+        report.problems += _left_undelivered(worker, supervisor)
     return report
 
 
-def _left_undelivered(worker: SinkWorker, supervisor: Supervisor, corrupt: dict[str, str]) -> list[str]:
+def _pending_bytes(journal: Journal, store: StateStore, sinks) -> int:
+    """About how many journal bytes the sinks have still to take (file sizes only: no read)."""
+    total = 0
+    for sink in sinks:
+        cursors = store.cursors(sink.name)
+        for run in journal.runs():
+            cursor = cursors.get(run, Cursor())
+            if not cursor.done:
+                total += journal.bytes_after(run, cursor.position)
+    return total
+
+
+def _left_undelivered(worker: SinkWorker, supervisor: Supervisor) -> list[str]:
+    name = worker.sink.name
     problems = []
     if worker.name in supervisor.crashed:
-        problems.append(f"{worker.key}: delivery stopped: {supervisor.crashed[worker.name]}")
+        error = supervisor.crashed[worker.name]
+        problems.append(f"{name}: delivery crashed ({type(error).__name__}: {error}); see the log above")
+    if worker.outcome.unusable:
+        problems.append(f"{name}: cannot deliver: {worker.outcome.unusable}")
     if worker.outcome.gave_up:
-        problems.append(f"{worker.key}: unreachable, gave up: {worker.outcome.gave_up}")
-    for run, reason in {**corrupt, **worker.outcome.stopped_runs}.items():
-        problems.append(f"{worker.key}: run {run} stopped: {reason}")
+        problems.append(f"{name}: unreachable, gave up: {worker.outcome.gave_up}")
+    for run, reason in worker.outcome.stopped_runs.items():
+        problems.append(f"{name}: run {run} stopped: {reason}")
     held = len(worker.letters)
     if held:
-        problems.append(f"{worker.key}: {held} event(s) in the dead-letter queue (see runrelay dlq list)")
+        problems.append(f"{name}: {held} event(s) in the dead-letter queue (see runrelay dlq list)")
     return problems
 
 
@@ -235,13 +291,22 @@ def _left_undelivered(worker: SinkWorker, supervisor: Supervisor, corrupt: dict[
 
 
 def collect_status(config: Config) -> dict:
+    """Per sink: the configured ones, and the others this state has delivered to."""
     journal = open_journal(config)
     store = StateStore.open_readonly(config.state)
+    known = store.known_sinks() if store else {}
+    configured = {sink.name: backend(sink.url).identity(sink.url) for sink in config.sinks}
+    shown = configured if config.sinks_given or not known else known
     sinks: list[SinkStatus] = []
-    for key in config.redacted_sinks:
-        letters = DeadLetters.existing(config.state, key)
-        sinks.append(sink_status(journal, key, store.cursors(key) if store else {},
-                                 store.health(key) if store else Health(), len(letters) if letters else 0))
+    for name, identity in shown.items():
+        letters = DeadLetters.existing(config.state, name)
+        status = sink_status(journal, name, store.cursors(name) if store else {},
+                             store.health(name) if store else Health(), len(letters) if letters else 0)
+        status.identity = identity
+        status.configured = name in configured
+        sinks.append(status)
+        if letters:
+            letters.close()
     if store:
         store.close()
     return {
@@ -255,33 +320,36 @@ def collect_status(config: Config) -> dict:
 # --- dead letters ---------------------------------------------------------------------------
 
 
+def _letter_sinks(config: Config) -> list[str]:
+    """The sinks whose dead letters a command looks at: those given (``--sink``, the config
+    file), else every one the state knows and the default."""
+    if config.sinks_given:
+        return config.sink_names
+    store = StateStore.open_readonly(config.state)
+    names = list(dict.fromkeys([*(store.known_sinks() if store else {}), *config.sink_names]))
+    if store:
+        store.close()
+    return names
+
+
 def list_letters(config: Config) -> list[Letter]:
     letters: list[Letter] = []
-    for key in config.redacted_sinks:
-        queue = DeadLetters.existing(config.state, key)
+    for name in _letter_sinks(config):
+        queue = DeadLetters.existing(config.state, name)
         if queue:
             letters += queue.letters()
             queue.close()
     return letters
 
 
-def choose_letters(config: Config, ids: list[int] | None, sink: str | None) -> dict[str, list[Letter]]:
+def choose_letters(config: Config, ids: list[int] | None) -> dict[str, list[Letter]]:
     """The letters named by id (or all, when ``ids`` is None), per sink; unknown ids are a UserError."""
-    keys = [key for key in config.redacted_sinks if sink is None or sink in key]
-    if sink is not None and not keys:
-        raise UserError(f"no configured sink matches {sink!r}; configured: {', '.join(config.redacted_sinks)}")
     chosen: dict[str, list[Letter]] = {}
     found: dict[int, list[str]] = {}
-    for key in keys:
-        queue = DeadLetters.existing(config.state, key)
-        held = queue.letters() if queue else []
-        if queue:
-            queue.close()
-        picked = [letter for letter in held if ids is None or letter.id in ids]
-        for letter in picked:
-            found.setdefault(letter.id, []).append(key)
-        if picked:
-            chosen[key] = picked
+    for letter in list_letters(config):
+        if ids is None or letter.id in ids:
+            chosen.setdefault(letter.sink, []).append(letter)
+            found.setdefault(letter.id, []).append(letter.sink)
     for letter_id in ids or []:
         if letter_id not in found:
             raise UserError(f"no dead letter {letter_id} (see runrelay dlq list)")
@@ -291,48 +359,66 @@ def choose_letters(config: Config, ids: list[int] | None, sink: str | None) -> d
     return chosen
 
 
-def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> tuple[int, list[str]]:
-    """Re-drive the chosen letters; returns (delivered count, problems).
-
-    Holds the delivery lock: a re-drive writes the run's row from the journal as it stands,
-    and a daemon committing newer events meanwhile would be rolled back by it.
-    """
-    lock = _lock(config)
-    try:
-        return _retry_letters(config, chosen)
-    finally:
-        lock.release()
+@dataclass
+class RedriveReport:
+    delivered: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
-def _retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> tuple[int, list[str]]:
-    journal = Journal(config.journal)
+def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> RedriveReport:
+    """Re-drive the chosen letters: ask for it in the state; a running daemon's workers do
+    it between batches, else this process does, with the same worker code."""
+    unconfigured = [name for name in chosen if name not in config.sink_names]
+    if unconfigured:
+        raise UserError(f"sink(s) {', '.join(unconfigured)} not configured here: give them with --sink or "
+                        "the config file, so their letters can be re-driven")
     store = StateStore.open(config.state)
-    urls = {redact(url): url for url in config.sinks}
-    delivered, problems = 0, []
-    stop = threading.Event()
     try:
-        for key, picked in chosen.items():
-            queue = DeadLetters(config.state, key, consumer=True)
+        for name, letters in chosen.items():
+            store.request_redrive(name, [letter.id for letter in letters])
+        lock = DeliveryLock(config.state)
+        if lock.acquire():
             try:
-                result = redrive(sink_for(urls[key], journal.blob), queue, picked, journal, store, config.retry, stop)
-            except UnknownSinkError as error:
-                raise UserError(str(error)) from error
+                sinks = [sink for sink in config.sinks if sink.name in chosen]
+                journal = Journal(config.journal)
+                report = _run_one_shot(config, journal, store, False, sinks, until_us=micros_now(),
+                                       redrive_only=True)
             finally:
-                queue.close()
-            delivered += result.delivered
-            if result.refused:
-                problems.append(f"{key}: {result.refused} letter(s) refused again (see runrelay dlq list)")
-            if result.unavailable:
-                problems.append(f"{key}: unreachable, gave up: {result.unavailable}")
+                lock.release()
+        else:
+            report = SyncReport()
+        return _redrive_outcome(config, store, chosen, report)
     finally:
         store.close()
-    return delivered, problems
+
+
+def _redrive_outcome(config: Config, store: StateStore, chosen: dict[str, list[Letter]],
+                     report: SyncReport) -> RedriveReport:
+    """Wait (up to retry.give_up_seconds) until the letters asked for are re-driven, then
+    count what became of them."""
+    deadline = time.monotonic() + config.retry.give_up_seconds + config.delivery.rescan_seconds
+    while any(store.redrive_requests(name) & {letter.id for letter in letters} for name, letters in chosen.items()):
+        if time.monotonic() > deadline:
+            report.problems.append("the daemon has not re-driven them yet; see runrelay dlq list later")
+            break
+        time.sleep(REDRIVE_POLL_SECONDS)
+    outcome = RedriveReport(problems=[problem for problem in report.problems if "dead-letter queue" not in problem])
+    for name, letters in chosen.items():
+        queue = DeadLetters.existing(config.state, name)
+        held = {letter.id for letter in queue.letters()} if queue else set()
+        if queue:
+            queue.close()
+        outcome.delivered += sum(1 for letter in letters if letter.id not in held)
+        refused = sum(1 for letter in letters if letter.id in held)
+        if refused:
+            outcome.problems.append(f"{name}: {refused} letter(s) refused again (see runrelay dlq list)")
+    return outcome
 
 
 def drop_letters(config: Config, chosen: dict[str, list[Letter]]) -> int:
     dropped = 0
-    for key, picked in chosen.items():
-        queue = DeadLetters(config.state, key)
+    for name, picked in chosen.items():
+        queue = DeadLetters(config.state, name)
         for letter in picked:
             queue.drop(letter)
             dropped += 1

@@ -22,6 +22,7 @@ from runrelay.eventlog.reader import Position
 STATE_DB = "state.sqlite"
 LOCK_FILE = "delivery.lock"
 BUSY_TIMEOUT_MS = 10_000
+SCHEMA_VERSION = 2  # 1 keyed sinks by URL; its cursors are hints, so they are dropped
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
@@ -42,7 +43,14 @@ CREATE TABLE IF NOT EXISTS health (
     retries INTEGER NOT NULL,      -- transient failures retried, ever
     failing_since REAL,            -- set while the sink is failing
     last_error TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    condition TEXT NOT NULL DEFAULT 'ok',  -- ok | retrying | unusable | crashed
+    identity TEXT                  -- what the sink's URL names, without secrets
+);
+CREATE TABLE IF NOT EXISTS redrive_requests (
+    sink TEXT NOT NULL,
+    letter INTEGER NOT NULL,       -- a dead letter's id in the sink's queue
+    PRIMARY KEY (sink, letter)
 );
 """
 
@@ -57,11 +65,15 @@ class Cursor:
     last_error: str | None = None
 
 
+OK, RETRYING, UNUSABLE, CRASHED = "ok", "retrying", "unusable", "crashed"
+
+
 @dataclass
 class Health:
     retries: int = 0
     failing_since: float | None = None
     last_error: str | None = None
+    condition: str = OK
 
 
 class StateStore:
@@ -80,6 +92,9 @@ class StateStore:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            db.executescript("DROP TABLE IF EXISTS cursors; DROP TABLE IF EXISTS health;"
+                             f"PRAGMA user_version = {SCHEMA_VERSION};")
         db.executescript(_SCHEMA)
         return cls(db)
 
@@ -139,16 +154,41 @@ class StateStore:
     def health(self, sink: str) -> Health:
         with self._lock:
             row = self._db.execute(
-                "SELECT retries, failing_since, last_error FROM health WHERE sink = ?", (sink,)
+                "SELECT retries, failing_since, last_error, condition FROM health WHERE sink = ?", (sink,)
             ).fetchone()
         return Health(*row) if row else Health()
 
-    def save_health(self, sink: str, health: Health) -> None:
+    def save_health(self, sink: str, health: Health, identity: str | None = None) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO health VALUES (?, ?, ?, ?, ?)",
-                (sink, health.retries, health.failing_since, health.last_error, time.time()),
+                "INSERT INTO health VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sink) DO UPDATE SET "
+                "retries = excluded.retries, failing_since = excluded.failing_since, last_error = excluded.last_error, "
+                "updated = excluded.updated, condition = excluded.condition, "
+                "identity = coalesce(excluded.identity, health.identity)",
+                (sink, health.retries, health.failing_since, health.last_error, time.time(), health.condition,
+                 identity),
             )
+
+    def known_sinks(self) -> dict[str, str | None]:
+        """Every sink this state has delivered to or tried to: name -> what its URL names."""
+        with self._lock:
+            rows = self._db.execute("SELECT sink, identity FROM health UNION SELECT DISTINCT sink, NULL FROM cursors "
+                                    "WHERE sink NOT IN (SELECT sink FROM health)").fetchall()
+        return dict(sorted(rows))
+
+    def request_redrive(self, sink: str, letters: list[int]) -> None:
+        """Ask the delivering worker to re-drive these dead letters (``runrelay dlq retry``)."""
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO redrive_requests VALUES (?, ?)",
+                                 [(sink, letter) for letter in letters])
+
+    def redrive_requests(self, sink: str) -> set[int]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT letter FROM redrive_requests WHERE sink = ?", (sink,))}
+
+    def redrive_done(self, sink: str, letter: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM redrive_requests WHERE sink = ? AND letter = ?", (sink, letter))
 
     def close(self) -> None:
         with self._lock:

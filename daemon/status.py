@@ -19,6 +19,9 @@ from runrelay.eventlog.reader import Journal
 @dataclass
 class SinkStatus:
     sink: str
+    identity: str | None = None  # what the sink's URL names (no secrets)
+    configured: bool = True  # False: known to the state only
+    condition: str = "ok"  # ok | retrying | unusable | crashed
     pending_events: int = 0
     pending_runs: int = 0
     oldest_pending_seconds: float | None = None  # age of the oldest undelivered event
@@ -27,18 +30,16 @@ class SinkStatus:
     dead_letters: int = 0
     last_error: str | None = None
     corrupt_runs: dict[str, str] = field(default_factory=dict)
-    ends: dict[str, int] = field(default_factory=dict, repr=False)  # run -> seq after its last event now
 
     def as_json(self) -> dict:
-        report = asdict(self)
-        del report["ends"]
-        return report
+        return asdict(self)
 
 
 def sink_status(
     journal: Journal, sink: str, cursors: dict[str, Cursor], health: Health, dead_letters: int
 ) -> SinkStatus:
-    status = SinkStatus(sink, retries=health.retries, dead_letters=dead_letters, last_error=health.last_error)
+    status = SinkStatus(sink, condition=health.condition, retries=health.retries, dead_letters=dead_letters,
+                        last_error=health.last_error)
     if health.failing_since is not None:
         status.failing_since = dt.datetime.fromtimestamp(health.failing_since, dt.timezone.utc).isoformat(
             timespec="seconds")
@@ -62,7 +63,6 @@ def sink_status(
         if count:
             status.pending_events += count
             status.pending_runs += 1
-            status.ends[run] = cursor.position.seq + count
     if oldest is not None:
         status.oldest_pending_seconds = round((now - oldest).total_seconds(), 3)
     return status

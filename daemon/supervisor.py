@@ -2,16 +2,20 @@
 
 A loop is a callable taking the shared stop event. Each runs on its own thread; a loop
 that raises is logged with its traceback and recorded in ``crashed``, and whoever waits
-on the supervisor wakes at once (the daemon then stops and exits non-zero). ``stop``
+on the supervisor wakes at once. An essential loop's end stops the daemon (it exits
+non-zero); a sink's worker is not essential: its crash stops that sink only. ``stop``
 sets the stop event, rings the wakers, and joins every loop within one time bound.
+Each loop reports its progress through a ``Liveness``, which is what systemd's watchdog
+is told about (``healthy``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger("runrelay.supervisor")
 
@@ -22,18 +26,61 @@ class LoopFailed(Exception):
     """A loop's explained failure (e.g. a sink that cannot be opened): logged without a traceback."""
 
 
+class Liveness:
+    """A loop's progress: it beats as it works, and says when it waits on purpose."""
+
+    def __init__(self):
+        self._at = time.monotonic()
+        self._waiting = 0
+
+    def beat(self) -> None:
+        self._at = time.monotonic()
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """A wait on purpose (for work, or a backoff): never a reason to think the loop stuck."""
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+            self.beat()
+
+    def progressing(self, stuck_seconds: float) -> bool:
+        return self._waiting > 0 or time.monotonic() - self._at < stuck_seconds
+
+
 class Supervisor:
     def __init__(self):
         self.stopping = threading.Event()
         self.crashed: dict[str, BaseException] = {}
         self._loops: list[tuple[str, Loop]] = []
+        self._essential: set[str] = set()
+        self._liveness: dict[str, tuple[Liveness, float]] = {}
         self._threads: list[threading.Thread] = []
         self._wakers: list[Callable[[], None]] = []
         self._changed = threading.Condition()
         self.finished: set[str] = set()
 
-    def add(self, name: str, loop: Loop) -> None:
+    def add(self, name: str, loop: Loop, essential: bool = True, liveness: Liveness | None = None,
+            stuck_seconds: float = 60.0) -> None:
+        """Run ``loop``; ``liveness`` not beating for ``stuck_seconds`` outside a wait on
+        purpose makes the supervisor unhealthy."""
         self._loops.append((name, loop))
+        if essential:
+            self._essential.add(name)
+        if liveness is not None:
+            self._liveness[name] = (liveness, stuck_seconds)
+
+    @property
+    def essential_ended(self) -> bool:
+        return bool(self._essential & self.finished)
+
+    def healthy(self) -> bool:
+        """Every loop running, and each one making progress or waiting on purpose."""
+        if self.crashed or self.finished:
+            return False
+        return all(liveness.progressing(stuck) for liveness, stuck in self._liveness.values())
 
     def on_stop(self, waker: Callable[[], None]) -> None:
         """Called at stop, to wake loops that wait on something other than the stop event."""

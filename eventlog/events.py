@@ -7,13 +7,14 @@ The body of each kind is documented in docs/events.md.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import enum
 import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -45,6 +46,27 @@ class Kind(str, enum.Enum):
 
 
 TERMINAL_KINDS = frozenset({Kind.COMPLETED, Kind.INTERRUPTED, Kind.FAILED, Kind.DIED})
+# After these, nothing more is appended to a run; a DIED verdict can still be withdrawn.
+FINAL_KINDS = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.INTERRUPTED})
+
+
+class Status(str, enum.Enum):
+    """The statuses runrelay itself sets, spelt as Sacred spells them. A run's status is
+    any string: an interrupted run carries Sacred's ``SacredInterrupt.STATUS`` (``TIMEOUT``
+    or a custom one), and the died status is configurable."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    DIED = "DIED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+UNFINISHED = frozenset({None, Status.QUEUED, Status.RUNNING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +78,53 @@ class Event:
     kind: Kind
     time: dt.datetime
     body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Points:
+    """Metric points of one run, column by column, in seq order.
+
+    A batch carries its metric events in this form instead of one ``Event`` each (most of
+    a run's events are points). Timestamps are naive UTC, as Sacred logs them (or None).
+    """
+
+    seqs: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    values: list[int | float] = field(default_factory=list)
+    timestamps: list[dt.datetime | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: int, name: str, step: int, value: int | float, timestamp: dt.datetime | None) -> None:
+        self.seqs.append(seq)
+        self.names.append(name)
+        self.steps.append(step)
+        self.values.append(value)
+        self.timestamps.append(timestamp)
+
+    def after(self, seq: int) -> "Points":
+        """The points with a seq above ``seq``."""
+        cut = bisect.bisect_right(self.seqs, seq)
+        return self if cut == 0 else self._slice(cut, len(self.seqs))
+
+    def before(self, seq: int) -> "Points":
+        """The points with a seq below ``seq``."""
+        cut = bisect.bisect_left(self.seqs, seq)
+        return self if cut == len(self.seqs) else self._slice(0, cut)
+
+    def only(self, seqs: frozenset[int]) -> "Points":
+        """The points whose seq is in ``seqs``."""
+        kept = Points()
+        for row in zip(self.seqs, self.names, self.steps, self.values, self.timestamps):
+            if row[0] in seqs:
+                kept.add(*row)
+        return kept
+
+    def _slice(self, start: int, stop: int) -> "Points":
+        return Points(self.seqs[start:stop], self.names[start:stop], self.steps[start:stop],
+                      self.values[start:stop], self.timestamps[start:stop])
 
 
 _RUN_UID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

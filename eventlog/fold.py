@@ -1,28 +1,44 @@
 """The pure fold of a run's events into its current state.
 
-This is the one place that knows what a run looks like; every sink shares it.
-``fold_event`` is deterministic and does no I/O, so a sink can fold a batch on top
-of a state it folded before and get the same answer as folding everything once.
+This is the one place that knows what a run looks like; every sink shares it. A sink
+reads ``RunState`` (and a batch's metric points), never raw event bodies. Folding is
+deterministic and does no I/O, and skips events at or below the state's ``last_seq``, so
+folding a replayed batch changes nothing.
+
+Journal content is untrusted input: each kind's folder checks every body field a sink
+reads before it builds anything, and raises ``MalformedEvent`` for a body that does not fit.
+``fold_event`` never changes the state it is given: it returns a new one (copy on write,
+shallow: folders replace fields, never mutate the values in them), so a refused event
+leaves no trace and a state can be kept as it was before a batch for free.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from runrelay.eventlog.events import Event, Kind
+from runrelay.eventlog.events import UNFINISHED, Event, Kind, Points, Status
 
-DIED = "DIED"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunState:
-    """A run as Sacred's observers would record it, plus what runrelay adds."""
+    """A run as Sacred's observers would record it, plus what runrelay adds.
+
+    Metric points are not part of it: they reach a sink with each batch (``Points``), so
+    the state stays small however long the run is. Artifacts, resources and sources are
+    lists of dicts; artifacts and resources carry the ``seq`` of the event that added them.
+    """
 
     run: str
     last_seq: int = -1
     status: str | None = None
+    sacred_id: int | str | None = None  # the _id Sacred settled on, when it was not the run uid
     command: str | None = None
     experiment: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
@@ -35,168 +51,301 @@ class RunState:
     stop_time: dt.datetime | None = None
     result: Any = None
     captured_out: str = ""
-    fail_trace: list[str] | None = None
-    # name -> {"steps": [...], "values": [...], "timestamps": [...]}, as Sacred's metrics.json
-    metrics: dict[str, dict[str, list]] = field(default_factory=dict)
-    artifacts: list[dict] = field(default_factory=list)
-    resources: list[dict] = field(default_factory=list)
-    sources: list[dict] = field(default_factory=list)
+    fail_trace: tuple[str, ...] | None = None
+    artifacts: tuple[dict, ...] = ()
+    resources: tuple[dict, ...] = ()
+    sources: tuple[dict, ...] = ()
     process: dict | None = None
     death: dict | None = None  # the watchdog's verdict while it stands
-    # False: metric events only advance last_seq (for sinks that append points as rows)
-    track_metrics: bool = True
 
     @property
     def finished(self) -> bool:
-        return self.status not in (None, "QUEUED", "RUNNING")
+        return self.status not in UNFINISHED
+
+    @property
+    def ended(self) -> bool:
+        """A real ending (completed, failed, interrupted) stands: nothing more will come."""
+        return self.finished and self.death is None
 
 
-def snapshot(state: RunState) -> dict:
-    """The state as plain data (for ``eventlog.codec``), without metric history."""
-    return {f.name: getattr(state, f.name) for f in fields(RunState) if f.name not in ("metrics", "track_metrics")}
+_DESCRIBED = frozenset({"status", "sacred_id", "command", "experiment", "host", "meta", "config", "sources"})
+_ENDED = frozenset({"status", "stop_time"})
+_REVIVED = frozenset({"status", "stop_time", "death"})
 
-
-def from_snapshot(data: dict) -> RunState:
-    """The state ``snapshot`` saved, with ``track_metrics`` off; unknown keys are an error."""
-    names = {f.name for f in fields(RunState)} - {"metrics", "track_metrics"}
-    if not isinstance(data, dict) or set(data) != names:
-        raise ValueError("not a run state snapshot")
-    return RunState(**data, track_metrics=False)
-
-
-def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:
-    """Fold events (in seq order) on top of ``state``; events already folded are skipped."""
-    for event in events:
-        if state is None:
-            state = RunState(event.run)
-        fold_event(state, event)
-    if state is None:
-        raise ValueError("cannot fold an empty stream without a starting state")
-    return state
+# Which RunState fields each kind of event sets (SQL maps them to columns, Mongo to $set
+# keys). An event after a standing death verdict also sets _REVIVED (the verdict is withdrawn).
+SETS: dict[Kind, frozenset[str]] = {
+    Kind.QUEUED: _DESCRIBED | {"queue_time"},
+    Kind.STARTED: _DESCRIBED | {"start_time", "process"},
+    Kind.HEARTBEAT: frozenset({"heartbeat", "info", "result", "captured_out"}),
+    Kind.METRICS: frozenset(),
+    Kind.RESOURCE: frozenset({"resources"}),
+    Kind.ARTIFACT: frozenset({"artifacts"}),
+    Kind.COMPLETED: _ENDED | {"result"},
+    Kind.INTERRUPTED: _ENDED,
+    Kind.FAILED: _ENDED | {"fail_trace"},
+    Kind.DIED: _ENDED | {"death"},
+}
+STATE_FIELDS = tuple(f.name for f in fields(RunState))
 
 
 class MalformedEvent(ValueError):
     """An event whose body does not fit its kind (journal content is untrusted input)."""
 
-    def __init__(self, event: Event, problem: str):
-        super().__init__(f"run {event.run} seq {event.seq} ({event.kind.value}): malformed body: {problem}")
-        self.seq = event.seq
+    def __init__(self, run: str, seq: int, kind: Kind, problem: str):
+        super().__init__(f"run {run} seq {seq} ({kind.value}): malformed body: {problem}")
+        self.seq = seq
 
 
-def fold_event(state: RunState, event: Event) -> RunState:
-    """Fold one event; raise MalformedEvent, leaving ``state`` as it was, when its body
-    does not fit its kind (each folder checks before it changes anything)."""
-    if event.seq <= state.last_seq:
-        return state  # replayed: already folded
-    body = event.body
-    if state.death is not None and event.kind is not Kind.DIED:
-        _revive(state)
-    try:
-        _FOLDERS[event.kind](state, body)
-    except (TypeError, AttributeError, KeyError, ValueError) as error:
-        raise MalformedEvent(event, f"{type(error).__name__}: {error}") from None
-    state.last_seq = event.seq
+@dataclass
+class Folded:
+    """What folding a stretch of events did: the state after it, and the fields it set."""
+
+    state: RunState
+    changed: frozenset[str] = frozenset()
+
+
+def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:
+    """Fold events (in seq order) on top of ``state``; events already folded are skipped."""
+    for event in events:
+        state = fold_event(RunState(event.run) if state is None else state, event)
+    if state is None:
+        raise ValueError("cannot fold an empty stream without a starting state")
     return state
 
 
-def _revive(state: RunState) -> None:
-    """Later events of a run judged dead win: the verdict is withdrawn."""
-    state.death = None
-    state.status = "RUNNING"
-    state.stop_time = None
+def fold_changes(state: RunState, events: Iterable[Event]) -> Folded:
+    """Fold ``events`` on top of ``state``, collecting the fields they set."""
+    changed: set[str] = set()
+    for event in events:
+        if event.seq <= state.last_seq:
+            continue
+        if state.death is not None and event.kind is not Kind.DIED:
+            changed |= _REVIVED
+        state = fold_event(state, event)
+        changed |= SETS[event.kind]
+    return Folded(state, frozenset(changed))
 
 
-def _queued(state: RunState, body: dict) -> None:
-    _describe(state, body)
-    state.status = "QUEUED"
-    state.queue_time = body.get("queue_time")
+def fold_event(state: RunState, event: Event) -> RunState:
+    """The state after ``event``; raise MalformedEvent when its body does not fit its kind."""
+    if event.seq <= state.last_seq:
+        return state  # replayed: already folded
+    try:
+        changes = _FOLDERS[event.kind](state, event.body, event.seq)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:
+        raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
+    if state.death is not None and event.kind is not Kind.DIED:
+        changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, **changes}  # withdrawn
+    return dataclasses.replace(state, last_seq=event.seq, **changes)
 
 
-def _started(state: RunState, body: dict) -> None:
-    _describe(state, body)
-    state.status = "RUNNING"
-    state.start_time = body.get("start_time")
-    state.process = body.get("process")
+def passed(state: RunState, seq: int) -> RunState:
+    """The state once events through ``seq`` that set nothing (metric points, refused
+    events) are folded."""
+    return state if seq <= state.last_seq else dataclasses.replace(state, last_seq=seq)
 
 
-def _describe(state: RunState, body: dict) -> None:
+def metric_point(event: Event) -> tuple[int, str, int, int | float, dt.datetime]:
+    """(seq, name, step, value, timestamp) of a well-formed metric event; MalformedEvent if not."""
+    try:
+        return (event.seq, *_point(event.body))
+    except (TypeError, KeyError, ValueError) as error:
+        raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
+
+
+def add_points(points: Points, events: Iterable[Event]) -> None:
+    """Add well-formed metric events to ``points`` (raises MalformedEvent for the first that is not)."""
+    for event in events:
+        points.add(*metric_point(event))
+
+
+def snapshot(state: RunState) -> dict:
+    """The state as plain data (for ``eventlog.codec``)."""
+    return {name: getattr(state, name) for name in STATE_FIELDS}
+
+
+def from_snapshot(data: Any) -> RunState:
+    """The state ``snapshot`` saved; anything else is a ValueError."""
+    if not isinstance(data, dict) or set(data) != set(STATE_FIELDS):
+        raise ValueError("not a run state snapshot")
+    tuples = {name: tuple(data[name]) for name in ("artifacts", "resources", "sources") if data[name] is not None}
+    if data["fail_trace"] is not None:
+        tuples["fail_trace"] = tuple(data["fail_trace"])
+    return RunState(**{**data, **tuples})
+
+
+# --- the folders: check, then return the fields to replace ------------------------------------
+
+
+def _queued(state: RunState, body: dict, seq: int) -> dict:
+    return {**_described(body), "status": Status.QUEUED.value, "queue_time": _time(body, "queue_time")}
+
+
+def _started(state: RunState, body: dict, seq: int) -> dict:
+    process = _optional(body, "process", dict)
+    if process is not None:
+        _optional(process, "pid", int)
+        _optional(process, "start_ticks", int)
+        _optional(process, "host", str)
+        _optional(process, "boot_id", str)
+    return {**_described(body), "status": Status.RUNNING.value, "start_time": _time(body, "start_time"),
+            "process": process}
+
+
+def _described(body: dict) -> dict:
     experiment, host = _mapping(body, "ex_info"), _mapping(body, "host_info")
-    meta, config = _mapping(body, "meta_info"), _mapping(body, "config")
-    sources = [_checked(source, dict, "sources") for source in _checked(body.get("sources") or [], list, "sources")]
-    state.experiment, state.host, state.meta, state.config, state.sources = experiment, host, meta, config, sources
-    state.command = body.get("command")
+    _optional(experiment, "name", str)
+    _optional(experiment, "base_dir", str)
+    _optional(experiment, "mainfile", str)
+    for pair in _list(experiment, "sources"):
+        name, md5 = _untupled(pair, "ex_info.sources")
+        _checked(name, str, "ex_info.sources name")
+        _checked(md5, str, "ex_info.sources md5")
+    for requirement in _list(experiment, "dependencies"):
+        _checked(requirement, str, "ex_info.dependencies")
+    for repository in _list(experiment, "repositories"):
+        _checked(repository, dict, "ex_info.repositories")
+    for key in ("hostname", "cpu", "python_version"):
+        _optional(host, key, str)
+    if host.get("os") is not None:
+        for part in _untupled(host["os"], "host_info.os"):
+            _checked(part, str, "host_info.os")
+    meta = _mapping(body, "meta_info")
+    if meta.get("priority") is not None:
+        _checked(meta["priority"], (int, float), "meta_info.priority")
+    _optional(meta, "comment", str)
+    sacred_id = body.get("sacred_id")
+    if sacred_id is not None:
+        _checked(sacred_id, (int, str), "sacred_id")
+    return {
+        "experiment": experiment, "host": host, "meta": meta, "config": _mapping(body, "config"),
+        "command": _optional(body, "command", str), "sacred_id": sacred_id,
+        "sources": tuple(_file(source, "name") for source in _list(body, "sources")),
+    }
+
+
+def _heartbeat(state: RunState, body: dict, seq: int) -> dict:
+    if "captured_out" in body:
+        captured_out = _checked(body["captured_out"], str, "captured_out")
+    else:
+        captured_out = state.captured_out + _checked(body.get("captured_out_append", ""), str, "captured_out_append")
+    return {"heartbeat": _time(body, "beat_time"), "info": _mapping(body, "info"), "result": body.get("result"),
+            "captured_out": captured_out}
+
+
+def _metrics(state: RunState, body: dict, seq: int) -> dict:
+    _point(body)  # points reach sinks through the batch, not the state
+    return {}
+
+
+def _point(body: dict) -> tuple[str, int, int | float, dt.datetime | None]:
+    name, step, value = body["name"], body["step"], body["value"]
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"metric name {name!r} is not a non-empty string")
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    if type(step) is not int:
+        raise TypeError(f"metric {name!r}: step {step!r} is not an integer")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r}: value {value!r} is not a number")
+    timestamp = body.get("timestamp")
+    if timestamp is not None and not isinstance(timestamp, dt.datetime):
+        raise TypeError(f"metric {name!r}: timestamp {timestamp!r} is not a datetime")
+    if timestamp is not None and timestamp.tzinfo is not None:
+        timestamp = timestamp.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return name, step, value, timestamp
+
+
+def _resource(state: RunState, body: dict, seq: int) -> dict:
+    return {"resources": (*state.resources, {**_file(body, "filename"), "seq": seq})}
+
+
+def _artifact(state: RunState, body: dict, seq: int) -> dict:
+    entry = _file(body, "name")
+    _optional(body, "filename", str)
+    _optional(body, "content_type", str)
+    entry.update({"filename": body.get("filename"), "content_type": body.get("content_type"),
+                  "metadata": body.get("metadata"), "seq": seq})
+    return {"artifacts": (*state.artifacts, entry)}
+
+
+def _file(body: Any, name_key: str) -> dict:
+    """A file copied into the blob store: its name, SHA-256 digest, md5 and size."""
+    _checked(body, dict, "file")
+    name = _checked(body[name_key], str, name_key)
+    digest, md5 = _checked(body["digest"], str, "digest"), _checked(body["md5"], str, "md5")
+    if not _DIGEST.match(digest):
+        raise ValueError(f"digest {digest!r} is not a SHA-256 hex digest")
+    if not _MD5.match(md5):
+        raise ValueError(f"md5 {md5!r} is not an md5 hex digest")
+    size = body.get("size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise ValueError(f"size {size!r} is not a byte count")
+    return {name_key: name, "digest": digest, "md5": md5, "size": size}
+
+
+def _completed(state: RunState, body: dict, seq: int) -> dict:
+    return {"status": Status.COMPLETED.value, "stop_time": _time(body, "stop_time"), "result": body.get("result")}
+
+
+def _interrupted(state: RunState, body: dict, seq: int) -> dict:
+    status = _checked(body.get("status") or Status.INTERRUPTED.value, str, "status")
+    return {"status": status, "stop_time": _time(body, "interrupt_time")}
+
+
+def _failed(state: RunState, body: dict, seq: int) -> dict:
+    trace = body.get("fail_trace")
+    if trace is not None:
+        trace = tuple(_checked(line, str, "fail_trace") for line in _checked(trace, list, "fail_trace"))
+    return {"status": Status.FAILED.value, "stop_time": _time(body, "fail_time"), "fail_trace": trace}
+
+
+def _died(state: RunState, body: dict, seq: int) -> dict:
+    status = _checked(body.get("status") or Status.DIED.value, str, "status")
+    _optional(body, "reason", str)
+    last_heartbeat = _time(body, "last_heartbeat")
+    _time(body, "detected_time")
+    if state.finished and state.death is None:
+        return {}  # a real ending already stands; a late verdict changes nothing
+    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time, "death": body}
+
+
+# --- checks ----------------------------------------------------------------------------------
 
 
 def _mapping(body: dict, key: str) -> dict:
     return _checked(body.get(key) or {}, dict, key)
 
 
-def _checked(value, kind: type, key: str):
-    if not isinstance(value, kind):
-        raise TypeError(f"{key} is a {type(value).__name__}, expected a {kind.__name__}")
+def _list(body: dict, key: str) -> list:
+    return _checked(body.get(key) or [], list, key)
+
+
+def _optional(body: dict, key: str, kind: type) -> Any:
+    value = body.get(key)
+    return None if value is None else _checked(value, kind, key)
+
+
+def _time(body: dict, key: str) -> dt.datetime | None:
+    return _optional(body, key, dt.datetime)
+
+
+def _checked(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):  # True is an int to Python, not to us
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise TypeError(f"{key} is a {type(value).__name__}, expected {expected}")
     return value
 
 
-def _heartbeat(state: RunState, body: dict) -> None:
-    info = _mapping(body, "info")
-    if "captured_out" in body:
-        captured_out = _checked(body["captured_out"], str, "captured_out")
-    else:
-        captured_out = state.captured_out + _checked(body.get("captured_out_append", ""), str, "captured_out_append")
-    state.heartbeat, state.info, state.result, state.captured_out = body.get("beat_time"), info, body.get("result"), captured_out
+def _untupled(value: Any, key: str) -> list:
+    """A tuple in ``flatten``'s form ({"py/tuple": [...]}) or a plain list."""
+    if isinstance(value, dict) and value.keys() == {"py/tuple"}:
+        value = value["py/tuple"]
+    return _checked(value, list, key)
 
 
-def _metrics(state: RunState, body: dict) -> None:
-    _checked(body["name"], str, "name")
-    if not state.track_metrics:
-        return
-    series = state.metrics.setdefault(body["name"], {"steps": [], "values": [], "timestamps": []})
-    series["steps"].append(body["step"])
-    series["values"].append(body["value"])
-    series["timestamps"].append(body["timestamp"])
-
-
-def _resource(state: RunState, body: dict) -> None:
-    state.resources.append(_files(body, "filename"))
-
-
-def _artifact(state: RunState, body: dict) -> None:
-    state.artifacts.append(_files(body, "name"))
-
-
-def _files(body: dict, name: str) -> dict:
-    """Artifacts and resources: a name and a blob digest, both text."""
-    for key in (name, "digest"):
-        _checked(body[key], str, key)
-    return body
-
-
-def _completed(state: RunState, body: dict) -> None:
-    state.status = "COMPLETED"
-    state.stop_time = body.get("stop_time")
-    state.result = body.get("result")
-
-
-def _interrupted(state: RunState, body: dict) -> None:
-    state.status = _checked(body.get("status") or "INTERRUPTED", str, "status")
-    state.stop_time = body.get("interrupt_time")
-
-
-def _failed(state: RunState, body: dict) -> None:
-    state.status = "FAILED"
-    state.stop_time = body.get("fail_time")
-    state.fail_trace = body.get("fail_trace")
-
-
-def _died(state: RunState, body: dict) -> None:
-    if state.finished and state.death is None:
-        return  # a real ending already stands; a late verdict changes nothing
-    state.status = _checked(body.get("status") or DIED, str, "status")
-    state.stop_time = body.get("last_heartbeat") or state.heartbeat or state.start_time
-    state.death = body
-
-
-_FOLDERS = {
+_FOLDERS: dict[Kind, Callable[[RunState, dict, int], dict]] = {
     Kind.QUEUED: _queued,
     Kind.STARTED: _started,
     Kind.HEARTBEAT: _heartbeat,
@@ -208,3 +357,4 @@ _FOLDERS = {
     Kind.FAILED: _failed,
     Kind.DIED: _died,
 }
+assert set(_FOLDERS) == set(Kind) == set(SETS)

@@ -7,20 +7,26 @@ before it has been yielded; damaged bytes are never returned.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from runrelay.eventlog import codec
 from runrelay.eventlog.blobs import blob_path
 from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
-from runrelay.eventlog.events import KINDS_BY_VALUE, Event, check_run_uid, is_run_uid, utc_from_micros
+from runrelay.eventlog.events import KINDS_BY_VALUE, Event, Kind, Points, check_run_uid, is_run_uid, utc_from_micros
+from runrelay.eventlog.fold import MalformedEvent, metric_point
 from runrelay.eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
 
 FOLLOW_POLL_SECONDS = 0.2
+POINTS_CHUNK = 50_000  # metric points per chunk of ``Journal.points``
+_HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, order=True)
@@ -49,6 +55,19 @@ class RunCheck:
 
 
 @dataclass
+class RecordBatch:
+    """Up to a batch of a run's records from a position: the metric points column by column,
+    every other event (and any metric event that is malformed) as an ``Event``."""
+
+    events: list[Event]
+    points: Points
+    end: Position  # where the next read resumes
+    records: int = 0
+    corrupt: JournalCorrupt | None = None  # damage that ended the batch, after its good records
+    last_time: dt.datetime | None = None  # when the last record read was appended
+
+
+@dataclass
 class _Outcome:
     torn: tuple[str, Damage] | None = None
 
@@ -72,6 +91,94 @@ class Journal:
 
     def blob(self, run: str, digest: str) -> Path:
         return blob_path(self.run_dir(run), digest)
+
+    def open_blob(self, run: str, digest: str) -> BinaryIO:
+        """The blob's bytes, checked against their digest and rewound (``sinks.base.RunSource``).
+
+        Only a regular file inside the run's blob store is opened, never through a symlink.
+        """
+        fd = os.open(self.blob(run, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        file = os.fdopen(fd, "rb")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"blob {digest} of run {run} is not a regular file")
+            sha256 = hashlib.sha256()
+            while chunk := file.read(_HASH_CHUNK):
+                sha256.update(chunk)
+            if sha256.hexdigest() != digest:
+                raise ValueError(f"blob {digest} of run {run} is damaged: its bytes have another digest")
+            file.seek(0)
+        except BaseException:
+            file.close()
+            raise
+        return file
+
+    def read_batch(self, run: str, start: Position | int, max_records: int,
+                   until_us: int | None = None) -> RecordBatch:
+        """Up to ``max_records`` records from ``start``; with ``until_us``, only records
+        appended at or before that time (µs since the epoch). Damage ends the batch after
+        its good records (``corrupt``); a torn tail simply ends it."""
+        events: list[Event] = []
+        points = Points()
+        end = start if isinstance(start, Position) else Position(seq=start)
+        records, last_time = 0, None
+        try:
+            for seq, payload, segment, offset, position in self._records(run, start, _Outcome()):
+                event = _decode_event(run, seq, payload, segment, offset)
+                if until_us is not None and event.time > utc_from_micros(until_us):
+                    break
+                if event.kind is Kind.METRICS:
+                    try:
+                        points.add(*metric_point(event))
+                    except MalformedEvent:
+                        events.append(event)
+                else:
+                    events.append(event)
+                end, last_time = position, event.time
+                records += 1
+                if records >= max_records:
+                    break
+        except JournalCorrupt as corrupt:
+            return RecordBatch(events, points, end, records, corrupt, last_time)
+        return RecordBatch(events, points, end, records, None, last_time)
+
+    def bytes_after(self, run: str, position: Position) -> int:
+        """About how many journal bytes of ``run`` follow ``position`` (file sizes only, for
+        progress bars); 0 for a run that is gone."""
+        total = 0
+        for first in self._segments_or_none(run):
+            if first < position.segment:
+                continue
+            try:
+                size = os.stat(self.run_dir(run) / segment_name(first)).st_size
+            except OSError:
+                continue
+            total += max(0, size - position.offset) if first == position.segment else size
+        return total
+
+    def bytes_between(self, run: str, start: Position, end: Position) -> int:
+        """About how many journal bytes lie from ``start`` to ``end`` (for progress bars)."""
+        if start.segment == end.segment:
+            return max(0, end.offset - start.offset)
+        return max(0, self.bytes_after(run, start) - self.bytes_after(run, end))
+
+    def _segments_or_none(self, run: str) -> list[int]:
+        try:
+            return self._segments(run)
+        except UnknownRun:
+            return []
+
+    def points(self, run: str, through_seq: int) -> Iterator[Points]:
+        """The run's well-formed metric points up to ``through_seq``, in chunks (``RunSource``)."""
+        position: Position = Position()
+        while position.seq <= through_seq:
+            batch = self.read_batch(run, position, POINTS_CHUNK)
+            chunk = batch.points.before(through_seq + 1)
+            if len(chunk):
+                yield chunk
+            if batch.corrupt or batch.records == 0:
+                return
+            position = batch.end
 
     def read(self, run: str, start: Position | int = 0) -> Iterator[tuple[Event, Position]]:
         """Yield (event, position after it) from ``start`` (a seq or a saved Position)."""

@@ -1,25 +1,26 @@
 """The sink interface: a handful of verbs, no threads, no cursors, no retry loops.
 
-A sink turns one run's batch of events into writes, effectively once: applying a
-batch twice, or a prefix of it and then all of it, leaves the backend exactly as
-applying it once. It converts every driver error into TransientSinkError (retry
-later) or PermanentSinkError (this event can never be written); the daemon decides
-what happens next. Backends register by URL scheme in ``sinks.registry``.
+A sink turns one run's batch into writes, effectively once: applying a batch twice, or a
+prefix of it and then all of it, leaves the backend exactly as applying it once. It reads
+the run's folded state and the batch's metric points, never raw event bodies. It converts
+its driver's errors into the three errors below and its own explicit value checks into
+``PermanentSinkError``; anything else it raises is a bug, which stops its worker visibly.
+The daemon decides what happens next (docs/daemon.md). Backends register by URL scheme in
+``sinks.registry``; docs/sinks.md describes each one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping, Protocol
 
-from runrelay.eventlog.events import Event
+from runrelay.eventlog.events import Points
 from runrelay.eventlog.fold import RunState
 
-# Where a sink reads the bytes of an artifact, resource or source: (run, digest) -> path.
-BlobSource = Callable[[str, str], Path]
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
 class SinkError(Exception):
@@ -27,14 +28,15 @@ class SinkError(Exception):
 
 
 class TransientSinkError(SinkError):
-    """Worth retrying later: connection refused, timeout, throttling, a 5xx."""
+    """Worth retrying soon: connection refused or lost, a timeout, throttling, a 5xx."""
 
 
 class PermanentSinkError(SinkError):
     """This event can never be written (too large, invalid value, schema conflict).
 
-    ``seq`` names the offending event when the sink knows it; the daemon sends that
-    event to the dead-letter queue and applies the rest of the batch without it.
+    ``seq`` names the offending event when the sink knows it; otherwise the daemon finds it
+    (``daemon.delivery.apply_isolating``). Either way that event goes to the dead-letter
+    queue and the rest of the batch is applied without it.
     """
 
     def __init__(self, message: str, seq: int | None = None):
@@ -42,46 +44,122 @@ class PermanentSinkError(SinkError):
         self.seq = seq
 
 
+class UnusableSinkError(SinkError):
+    """The sink cannot work as configured, and retrying soon will not change that: the
+    database or bucket does not exist, the credentials are refused, a file cannot be opened.
+    The daemon logs it once, re-checks slowly, and keeps the other sinks delivering."""
+
+
+class SinkConfigError(ValueError):
+    """A sink URL or option that can never work, found without any I/O; says what to fix."""
+
+
+class RunSource(Protocol):
+    """What a sink may read of a run besides its batch (the daemon's journal)."""
+
+    def open_blob(self, run: str, digest: str) -> BinaryIO:
+        """The bytes of an artifact, resource or source, checked against their digest and
+        rewound; the caller closes it. FileNotFoundError if the blob is gone, ValueError if
+        it is damaged (both permanent for the event that names it)."""
+
+    def points(self, run: str, through_seq: int) -> Iterator[Points]:
+        """The run's metric points up to ``through_seq``, chunk by chunk, for a sink that must
+        write a whole series at once (the daemon never holds it in memory)."""
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Contiguous events of one run, and the run's state folded through the last of them.
+    """Events ``first_seq``..``last_seq`` of one run, as the fold saw them.
 
-    ``state`` has ``track_metrics`` off unless the sink asked for metric history
-    (``Sink.wants_metric_history``): metric points reach a sink through ``events``.
+    ``state`` is the run folded through ``last_seq``; ``changed`` names the state fields
+    the batch's events set (``eventlog.fold.SETS``); ``points`` are its metric points.
+    ``skipped`` are seqs in that range the batch does not carry (set aside as dead letters):
+    nothing of them is in ``state`` or ``points``.
     """
 
     run: str
-    events: Sequence[Event]
+    first_seq: int
+    last_seq: int
     state: RunState
-    # True when the dead-letter queue re-drives events the run's cursor has passed:
-    # the sink writes them anyway (still idempotently) and leaves its applied seq alone.
-    redelivery: bool = False
+    changed: frozenset[str]
+    points: Points
+    skipped: frozenset[int] = frozenset()
+
+    def covers(self, seq: int) -> bool:
+        return self.first_seq <= seq <= self.last_seq and seq not in self.skipped
+
+    def after(self, applied: int) -> "Batch | None":
+        """The part of the batch above ``applied`` (what a sink holding ``applied`` still
+        needs), or None when it holds it all. The state is the same: rewriting a field from
+        a later state gives what the whole batch gives."""
+        if applied >= self.last_seq:
+            return None
+        if applied < self.first_seq:
+            return self
+        return dataclasses.replace(self, first_seq=applied + 1, points=self.points.after(applied))
 
     @property
-    def first_seq(self) -> int:
-        return self.events[0].seq
+    def artifacts(self) -> list[dict]:
+        """The artifacts this batch adds."""
+        return [artifact for artifact in self.state.artifacts if self.covers(artifact["seq"])]
 
     @property
-    def last_seq(self) -> int:
-        return self.events[-1].seq
+    def resources(self) -> list[dict]:
+        """The resources this batch adds."""
+        return [resource for resource in self.state.resources if self.covers(resource["seq"])]
+
+
+def seconds_option(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise SinkConfigError(f"expected a number of seconds above 0, got {value!r}")
+    return float(value)
 
 
 class Sink(ABC):
-    """One backend. Created from a URL; ``open`` before use, ``close`` after."""
+    """One backend. Built from a checked URL and options; ``open`` before use, ``close`` after.
 
-    wants_metric_history = False
+    ``name`` keys its cursors, health, dead letters and logs. Every network call it makes
+    is bounded by ``timeout_seconds``: a frozen server is a TransientSinkError after that long.
+    """
 
-    def __init__(self, url: str, blobs: BlobSource):
-        self.url = url
-        self.blobs = blobs
+    # option name -> parser (raises SinkConfigError); backends add their own
+    OPTIONS: ClassVar[dict[str, Callable[[Any], Any]]] = {"timeout_seconds": seconds_option}
+
+    def __init__(self, name: str, url: str, options: Mapping[str, Any], source: RunSource):
+        self.name = name
+        self.url = url  # may hold a password: never log it
+        self.options = {"timeout_seconds": DEFAULT_TIMEOUT_SECONDS, **options}
+        self.timeout_seconds: float = self.options["timeout_seconds"]
+        self.source = source
+
+    @classmethod
+    @abstractmethod
+    def identity(cls, url: str) -> str:
+        """Check ``url`` without I/O (it parses; its driver is installed) and return what it
+        names: the URL without password, driver or options, so two spellings of one database
+        are one sink. It is the sink's name unless the configuration gives one. Raises
+        SinkConfigError saying what to fix."""
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options parsed; SinkConfigError naming every unknown or bad one."""
+        parsed, problems = {}, []
+        for key, value in options.items():
+            parse = cls.OPTIONS.get(key)
+            if parse is None:
+                problems.append(f"unknown option {key!r} (this sink takes {', '.join(sorted(cls.OPTIONS))})")
+                continue
+            try:
+                parsed[key] = parse(value)
+            except SinkConfigError as error:
+                problems.append(f"{key}: {error}")
+        if problems:
+            raise SinkConfigError("; ".join(problems))
+        return parsed
 
     @abstractmethod
     def open(self) -> None:
         """Connect and create what the layout needs (tables, indexes); idempotent."""
-
-    @abstractmethod
-    def check(self) -> None:
-        """Health check: return if the backend answers, else raise TransientSinkError."""
 
     @abstractmethod
     def applied(self, run: str) -> int:
@@ -89,14 +167,23 @@ class Sink(ABC):
 
     @abstractmethod
     def apply(self, batch: Batch) -> None:
-        """Write one batch, effectively once, skipping events at or below ``applied``."""
+        """Write one batch effectively once: the part above ``applied`` (``batch.after``),
+        recording ``batch.last_seq`` as applied with the writes where the backend allows."""
+
+    @abstractmethod
+    def redeliver(self, batch: Batch) -> None:
+        """Write dead letters again, now that their cause is fixed: the events ``batch``
+        covers, although ``applied`` has passed them, each at most once however often this
+        is called; ``applied`` stays as it is. ``batch.state`` is the run folded through
+        what the sink holds, letters included. A sink that cannot do this raises
+        PermanentSinkError saying so (the letters stay in the queue)."""
 
     @abstractmethod
     def close(self) -> None:
         """Release connections; safe to call twice."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({redact(self.url)!r})"
+        return f"{type(self).__name__}({self.name!r})"
 
 
 _CREDENTIALS = re.compile(r"^(?P<head>[\w+.-]+://[^:/@]*:)[^@]*@")  # as SQLAlchemy parses: password up to the first "@"
@@ -104,6 +191,6 @@ _SECRET_PARAMETERS = re.compile(r"(?i)([?&](?:password|sslpassword|passwd|secret
 
 
 def redact(url: str) -> str:
-    """The URL without its password or secret query parameters, for logs, status and state keys."""
+    """The URL without its password or secret query parameters, for messages about a URL."""
     url = _CREDENTIALS.sub(lambda match: f"{match['head']}***@", url, count=1)
     return _SECRET_PARAMETERS.sub(r"\1***", url)

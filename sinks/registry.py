@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any, Mapping
 
-from runrelay.sinks.base import BlobSource, Sink
+from runrelay.sinks.base import RunSource, Sink, SinkConfigError
 
-# scheme -> "module:Class"; imported on first use so a missing driver only
-# matters to those who configure that backend.
+# scheme -> "module:Class"; imported on first use, and a backend's module imports its driver
+# only when it connects, so a missing driver matters only to those who configure it.
 _BACKENDS = {
     "sqlite": "runrelay.sinks.sql:SqlSink",
     "postgresql": "runrelay.sinks.sql:SqlSink",
@@ -18,27 +19,19 @@ _BACKENDS = {
 }
 
 
-class UnknownSinkError(ValueError):
-    """No backend serves this URL."""
-
-
 def schemes() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def sink_for(url: str, blobs: BlobSource) -> Sink:
-    """Build (but do not open) the sink for ``url``."""
+def backend(url: str) -> type[Sink]:
+    """The sink class for ``url``'s scheme; SinkConfigError if none serves it."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in _BACKENDS:
-        raise UnknownSinkError(
-            f"no sink for {url.split('://')[0]!r} URLs; known schemes: {', '.join(schemes())}"
-        )
+        raise SinkConfigError(f"no sink for {scheme or url!r} URLs; known schemes: {', '.join(schemes())}")
     module_name, _, class_name = _BACKENDS[scheme.lower()].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UnknownSinkError(
-            f"the {scheme} sink needs a driver that is not installed ({error.name}); "
-            f"install runrelay with the matching extra"
-        ) from error
-    return getattr(module, class_name)(url, blobs)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def sink_for(name: str, url: str, options: Mapping[str, Any], source: RunSource) -> Sink:
+    """Build (but do not open) the sink ``name`` for a URL and options config has checked."""
+    return backend(url)(name, url, backend(url).check_options(options), source)

@@ -7,22 +7,29 @@ in docs/sinks.md; where it differs from Sacred's own observer, docs/compatibilit
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import datetime as dt
-import hashlib
-import json
+import importlib.util
 import math
+import os
+import re
+import socket
+import threading
+import time
+import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from runrelay.eventlog.events import Event, Kind
 from runrelay.eventlog.fold import RunState
-from runrelay.sinks.base import Batch, BlobSource, PermanentSinkError, Sink, TransientSinkError
+from runrelay.eventlog.fsutil import FILE_MODE, make_private_dir
+from runrelay.sinks import sacred
+from runrelay.sinks.base import (
+    Batch, PermanentSinkError, RunSource, Sink, SinkConfigError, TransientSinkError, UnusableSinkError,
+)
 
-CONNECT_TIMEOUT_SECONDS = 10
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # The largest single value (artifact, config, output) sent in one statement. MySQL takes
 # less: half its max_allowed_packet (escaping can double binary data), less a margin.
@@ -32,7 +39,6 @@ MYSQL_STRICT_MODE = "SET SESSION sql_mode = 'TRADITIONAL'"  # never truncate sil
 SCHEMA_LOCK_NAME = "runrelay_schema"  # MySQL named lock held while creating tables
 SCHEMA_LOCK_KEY = int.from_bytes(b"runrelay", "big")  # PostgreSQL advisory lock key
 SCHEMA_LOCK_SECONDS = 60
-CUT_MARKER = "[runrelay: the first {} bytes of this output were cut: too large for this database]\n"
 ERROR_TEXT_CHARS = 300
 
 RUN_ID_WIDTH = 24
@@ -40,9 +46,24 @@ NAME_WIDTH = 255
 PATH_WIDTH = 1024
 STATUS_WIDTH = 64
 
-_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+# URL scheme -> (backend, the driver runrelay uses, the module it needs, the extra that installs it)
+_BACKENDS = {
+    "sqlite": ("sqlite", "sqlite", None, None),
+    "postgresql": ("postgresql", "postgresql+psycopg", "psycopg", "postgres"),
+    "postgresql+psycopg": ("postgresql", "postgresql+psycopg", "psycopg", "postgres"),
+    "mysql": ("mysql", "mysql+pymysql", "pymysql", "mysql"),
+    "mysql+pymysql": ("mysql", "mysql+pymysql", "pymysql", "mysql"),
+    "mariadb+pymysql": ("mysql", "mariadb+pymysql", "pymysql", "mysql"),
+}
 _MYSQL_DIALECTS = ("mysql", "mariadb")
 _MYSQL_PERMANENT = {1118, 1153}  # row size too large, packet too large: PyMySQL calls them operational
+# unknown database, access denied (user, database), command denied, no privilege
+_MYSQL_UNUSABLE = {1049, 1045, 1044, 1142, 1227}
+# PostgreSQL reports these at connect time without an SQLSTATE (libpq's text, English messages)
+_POSTGRES_UNUSABLE = re.compile(
+    r"FATAL: +(database \S+ does not exist|role \S+ does not exist|password authentication failed"
+    r"|no pg_hba\.conf entry|permission denied for database)")
+_POSTGRES_UNUSABLE_STATES = {"3D000", "28000", "28P01", "42501"}
 
 # --- the tables ------------------------------------------------------------------------------
 # Sacred's (sacred/observers/sql_bases.py): same names, columns and column types, with the
@@ -187,42 +208,39 @@ runrelay_redelivered = _table(
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
 )
 
-# --- which run-row columns each kind of event sets (as the fold does) -----------------------
+# --- the run-row columns each RunState field sets ---------------------------------------------
 
-# An event writes only what its kind sets, so an event set aside as unwritable (say, a
-# status the column cannot hold) does not make the rest of its batch fail with it.
-# runrelay_run's result and death_reason go with run's result and status.
-
-_DESCRIBED = frozenset({"experiment_id", "host_id", "command", "config", "priority", "comment", "status"})
-_ENDED = frozenset({"status", "stop_time"})
-_SETS = {
-    Kind.QUEUED: _DESCRIBED | {"queue_time"},
-    Kind.STARTED: _DESCRIBED | {"start_time"},
-    Kind.HEARTBEAT: frozenset({"heartbeat", "info", "captured_out", "result"}),
-    Kind.COMPLETED: _ENDED | {"result"},
-    Kind.INTERRUPTED: _ENDED,
-    Kind.FAILED: _ENDED | {"fail_trace"},
-    Kind.DIED: _ENDED,
+# eventlog.fold.SETS says which fields each kind of event sets; a batch rewrites the columns
+# of the fields it changed, from its folded state. runrelay_run.result and death_reason
+# follow result and death.
+_COLUMNS = {
+    "status": ("status",),
+    "command": ("command",),
+    "config": ("config",),
+    "meta": ("priority", "comment"),
+    "queue_time": ("queue_time",),
+    "start_time": ("start_time",),
+    "heartbeat": ("heartbeat",),
+    "stop_time": ("stop_time",),
+    "info": ("info",),
+    "result": ("result",),
+    "captured_out": ("captured_out",),
+    "fail_trace": ("fail_trace",),
 }
-_REVIVED = _ENDED  # any event after a standing death verdict withdraws it (docs/events.md)
-
 _FROM_STATE: dict[str, Callable[[RunState], Any]] = {
-    "command": lambda state: state.command,
-    "config": lambda state: _sacred_json(state.config),
-    "priority": lambda state: _finite(state.meta.get("priority", 0)),
-    "comment": lambda state: state.meta.get("comment", ""),
-    "queue_time": lambda state: _naive_utc(state.queue_time),
-    "start_time": lambda state: _naive_utc(state.start_time),
-    "heartbeat": lambda state: _naive_utc(state.heartbeat),
-    "stop_time": lambda state: _naive_utc(state.stop_time),
-    "info": lambda state: _sacred_json(state.info),
-    "result": lambda state: _finite(state.result),
-    "fail_trace": lambda state: None if state.fail_trace is None else "\n".join(state.fail_trace),
     "status": lambda state: state.status,
+    "command": lambda state: state.command,
+    "config": lambda state: sacred.sacred_json(state.config),
+    "priority": lambda state: sacred.finite(state.meta.get("priority", 0)),
+    "comment": lambda state: state.meta.get("comment", ""),
+    "queue_time": lambda state: sacred.naive_utc(state.queue_time),
+    "start_time": lambda state: sacred.naive_utc(state.start_time),
+    "heartbeat": lambda state: sacred.naive_utc(state.heartbeat),
+    "stop_time": lambda state: sacred.naive_utc(state.stop_time),
+    "info": lambda state: sacred.sacred_json(state.info),
+    "result": lambda state: sacred.finite(state.result),
+    "fail_trace": lambda state: None if state.fail_trace is None else "\n".join(state.fail_trace),
 }
-
-# Errors converted to TransientSinkError or PermanentSinkError (see SqlSink).
-_CONVERTED = (sa.exc.SQLAlchemyError, OSError, ValueError, TypeError, LookupError, ArithmeticError, AttributeError)
 
 
 class SqlSink(Sink):
@@ -230,62 +248,58 @@ class SqlSink(Sink):
 
     Effectively once: ``runrelay_run`` holds each run's uid, its Sacred run id and the
     highest seq applied; it is read (``FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE``) and
-    advanced in the same transaction as the batch's writes. Events at or below it are
-    skipped. The run row is rewritten from the batch's state, only the columns the new
-    events' kinds set, each by the last event of the batch that sets it, so an event the
-    daemon sets aside does not take the others with it. A re-drive (``redelivery``) is
-    recorded event by event in ``runrelay_redelivered`` instead.
-
-    Errors: driver errors become ``TransientSinkError`` (connection lost or refused,
-    timeouts, deadlocks, lock waits, missing tables or privileges: fix and retry) or
-    ``PermanentSinkError`` (a value the database cannot take: too long, too large,
-    invalid, a constraint, a missing blob). After a permanent error the batch is applied
-    again one event at a time in a fresh transaction: the first event that fails gives
-    the error's ``seq`` and that transaction is rolled back, so the daemon can
-    dead-letter that event and apply the rest. If no event fails the second time, that
-    transaction commits and ``apply`` returns normally. ``seq`` is None only when the
-    failure belongs to no event (creating the run's row).
+    advanced in the same transaction as the batch's writes, and the batch's part at or
+    below it is skipped. A re-delivered dead letter is recorded in ``runrelay_redelivered``
+    in its transaction instead. Driver errors become TransientSinkError, PermanentSinkError
+    (a value the database cannot take) or UnusableSinkError (no such database, refused
+    credentials, a file that cannot be opened); see docs/sinks.md.
     """
 
-    def __init__(self, url: str, blobs: BlobSource):
-        super().__init__(url, blobs)
+    def __init__(self, name: str, url: str, options: dict, source: RunSource):
+        super().__init__(name, url, options, source)
+        self._url = _engine_url(url)
         self._engine: sa.Engine | None = None
         self._max_value_bytes = DEFAULT_MAX_VALUE_BYTES
+        self._ids = _Ids()
+        self._deadline: _Deadline | None = None
+
+    @classmethod
+    def identity(cls, url: str) -> str:
+        parsed = _engine_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            return f"sqlite:///{parsed.database}"
+        backend = _BACKENDS[_scheme(url)][0]
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306}[backend]
+        user = f"{parsed.username}@" if parsed.username else ""
+        return f"{backend}://{user}{parsed.host or 'localhost'}:{port}/{parsed.database or ''}"
 
     # --- the Sink verbs ----------------------------------------------------------------------
 
     def open(self) -> None:
         if self._engine is None:
-            self._engine = self._create_engine()
-        try:
-            with self._engine.begin() as conn:
-                self._create_tables(conn)
-                self._max_value_bytes = self._value_limit(conn)
-        except _CONVERTED as error:
-            raise self._converted(error) from None
-
-    def check(self) -> None:
-        try:
-            with self._engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except _CONVERTED as error:
-            raise TransientSinkError(str(self._converted(error))) from None
+            try:
+                self._engine = self._create_engine()
+            except OSError as error:  # the SQLite file or its directory
+                raise UnusableSinkError(f"{self!r}: cannot create the database file: {error}") from None
+        with self._transaction() as conn:
+            self._create_tables(conn)
+            self._max_value_bytes = self._value_limit(conn)
 
     def applied(self, run: str) -> int:
-        try:
-            with self._engine.connect() as conn:
-                seq = conn.execute(sa.select(runrelay_run.c.applied_seq).where(runrelay_run.c.uid == run)).scalar()
-        except _CONVERTED as error:
-            raise self._converted(error, run) from None
+        with self._transaction(run) as conn:
+            seq = conn.execute(sa.select(runrelay_run.c.applied_seq).where(runrelay_run.c.uid == run)).scalar()
         return -1 if seq is None else seq
 
     def apply(self, batch: Batch) -> None:
-        try:
-            self._transaction(batch, careful=False)
-        except PermanentSinkError:
-            self._transaction(batch, careful=True)  # names the event at fault, or commits
+        self._write(batch, redelivery=False)
+
+    def redeliver(self, batch: Batch) -> None:
+        self._write(batch, redelivery=True)
 
     def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.stop()
+            self._deadline = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -293,27 +307,34 @@ class SqlSink(Sink):
     # --- connecting --------------------------------------------------------------------------
 
     def _create_engine(self) -> sa.Engine:
-        try:
-            url = sa.engine.make_url(self.url)
-            url = url.set(drivername=_DRIVERS.get(url.drivername, url.drivername))
-            options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-            if url.get_backend_name() == "sqlite":
-                options = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
-                if url.database:
-                    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            elif url.get_backend_name() in _MYSQL_DIALECTS:
-                options["init_command"] = MYSQL_STRICT_MODE
-            engine = sa.create_engine(url, connect_args=options, pool_pre_ping=True)
-        except (sa.exc.ArgumentError, ImportError) as error:
-            # ArgumentError's text would repeat the URL, password included
-            missing = f": driver {error.name} is not installed" if isinstance(error, ImportError) else ""
-            raise PermanentSinkError(f"{self!r}: not a usable database URL{missing}") from None
-        except OSError as error:
-            raise PermanentSinkError(f"{self!r}: cannot create the database's directory: {error}") from None
-        if engine.dialect.name == "sqlite":
+        backend = self._url.get_backend_name()
+        options: dict[str, Any] = {"connect_timeout": max(1, round(self.timeout_seconds))}
+        if backend == "sqlite":
+            options = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+            _create_private_file(Path(self._url.database))
+        elif backend in _MYSQL_DIALECTS:  # PyMySQL bounds every read and write itself
+            options.update(init_command=MYSQL_STRICT_MODE, read_timeout=self.timeout_seconds,
+                           write_timeout=self.timeout_seconds)
+        engine = sa.create_engine(self._url, connect_args=options, pool_pre_ping=True)
+        if backend == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_connected)
             sa.event.listen(engine, "begin", _sqlite_begin)
+        elif backend == "postgresql":
+            self._deadline = _Deadline(self.timeout_seconds)
+            sa.event.listen(engine, "connect", lambda dbapi_connection, _record: self._deadline.watch(dbapi_connection))
         return engine
+
+    @contextlib.contextmanager
+    def _transaction(self, run: str | None = None) -> Iterator[sa.Connection]:
+        """One transaction, bounded by the timeout, every driver error converted."""
+        bound = self._deadline.bounding() if self._deadline else contextlib.nullcontext()
+        try:
+            with bound, self._engine.begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as error:
+            raise self._converted(error, run) from None
+        except OSError as error:  # the SQLite file or its directory
+            raise UnusableSinkError(f"{self!r}: {error}") from None
 
     def _create_tables(self, conn: sa.Connection) -> None:
         """Create missing tables; a lock makes two daemons opening at once take turns."""
@@ -338,51 +359,45 @@ class SqlSink(Sink):
         packet = conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar()
         return min(DEFAULT_MAX_VALUE_BYTES, (int(packet) - MYSQL_PACKET_MARGIN) // 2)
 
-    # --- applying a batch --------------------------------------------------------------------
+    # --- writing a batch ---------------------------------------------------------------------
 
-    def _transaction(self, batch: Batch, careful: bool) -> None:
-        """Apply ``batch`` in one transaction; ``careful``: one event at a time, naming a failure's seq."""
-        seq = None  # the event being written, when careful
-        try:
-            with self._engine.begin() as conn:
-                found = conn.execute(
-                    sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq, runrelay_run.c.death_reason)
-                    .where(runrelay_run.c.uid == batch.run)
-                    .with_for_update()
-                ).first()
-                new = self._unapplied(conn, batch, found.applied_seq if found else -1)
-                if not new:
-                    return
-                run_id = found.run_id if found else self._create_run(conn, batch.run, new)
-                state = batch.state
-                revived = found is not None and found.death_reason is not None and state.death is None
-                plan = _plan(new, revived)
-                for events in [[event] for event in new] if careful else [new]:
-                    seq = events[0].seq if careful else None
-                    self._write(conn, batch.run, run_id, state, events, plan)
-                seq = new[-1].seq if careful else None
-                self._finish(conn, batch, new)
-        except _CONVERTED as error:
-            raise self._converted(error, batch.run, seq) from None
+    def _write(self, batch: Batch, redelivery: bool) -> None:
+        with self._transaction(batch.run) as conn:
+            found = conn.execute(
+                sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq)
+                .where(runrelay_run.c.uid == batch.run)
+                .with_for_update()
+            ).first()
+            part = self._unwritten(conn, batch, redelivery, found)
+            if part is None:
+                return
+            run_id = found.run_id if found else self._create_run(conn, part)
+            values = self._add_rows(conn, run_id, part)
+            values.update(self._run_columns(part))
+            if values:
+                self._check_size(values)
+                conn.execute(run.update().where(run.c.run_id == run_id).values(**values))
+            ours = self._bookkeeping(part, redelivery)
+            if ours:
+                conn.execute(runrelay_run.update().where(runrelay_run.c.uid == batch.run).values(**ours))
+            if redelivery:
+                conn.execute(runrelay_redelivered.insert().values(uid=batch.run, seq=batch.last_seq))
+        self._ids.committed()
 
-    def _unapplied(self, conn: sa.Connection, batch: Batch, applied: int) -> list[Event]:
-        if not batch.redelivery:
-            return [event for event in batch.events if event.seq > applied]
-        done = set(
-            conn.execute(
-                sa.select(runrelay_redelivered.c.seq).where(
-                    runrelay_redelivered.c.uid == batch.run,
-                    runrelay_redelivered.c.seq.in_([event.seq for event in batch.events]),
-                )
-            ).scalars()
-        )
-        return [event for event in batch.events if event.seq not in done]
+    def _unwritten(self, conn: sa.Connection, batch: Batch, redelivery: bool, found) -> Batch | None:
+        if not redelivery:
+            return batch.after(-1 if found is None else found.applied_seq)
+        if batch.first_seq != batch.last_seq:
+            raise ValueError("a re-delivery carries one dead letter")  # the daemon's contract
+        done = conn.execute(sa.select(runrelay_redelivered.c.seq).where(
+            runrelay_redelivered.c.uid == batch.run, runrelay_redelivered.c.seq == batch.last_seq)).first()
+        return None if done else batch
 
-    def _create_run(self, conn: sa.Connection, uid: str, new: list[Event]) -> str:
-        """Give a new run its Sacred run id, recorded beside its uid: the ``_id`` Sacred was
-        given if it is free, else SqlObserver's rule (0 for the first run, then the highest
-        ``run.id`` + 1)."""
-        given = next((e.body.get("sacred_id") for e in new if e.kind in (Kind.QUEUED, Kind.STARTED)), None)
+    def _create_run(self, conn: sa.Connection, batch: Batch) -> str:
+        """Give a new run its Sacred run id, recorded beside its uid: the ``_id`` Sacred
+        settled on if it is free, else SqlObserver's rule (0 for the first run, then the
+        highest ``run.id`` + 1)."""
+        given = batch.state.sacred_id
         run_id = None if given is None else str(given)
         taken = sa.select(run.c.id).where(run.c.run_id == run_id)
         if run_id is None or len(run_id) > RUN_ID_WIDTH or conn.execute(taken).first():
@@ -390,140 +405,168 @@ class SqlSink(Sink):
             run_id = "0" if last is None else str(last + 1)
         try:
             conn.execute(run.insert().values(run_id=run_id))
-            conn.execute(runrelay_run.insert().values(uid=uid, run_id=run_id, applied_seq=-1))
+            conn.execute(runrelay_run.insert().values(uid=batch.run, run_id=run_id, applied_seq=-1))
         except sa.exc.IntegrityError:
             raise TransientSinkError(
-                f"{self!r}: run {uid}: another writer took run id {run_id} at the same moment; retrying"
+                f"{self!r}: run {batch.run}: another writer took run id {run_id} at the same moment; retrying"
             ) from None
         return run_id
 
-    def _write(
-        self, conn: sa.Connection, uid: str, run_id: str, state: RunState, events: list[Event], plan: dict
-    ) -> None:
-        """Insert the rows ``events`` add, then update the run-row columns they own."""
-        values = self._add_rows(conn, uid, run_id, events, plan)
-        columns = frozenset().union(*(plan.get(event.seq, ()) for event in events))
-        values.update({column: derive(state) for column, derive in _FROM_STATE.items() if column in columns})
-        if "captured_out" in columns:
-            values["captured_out"] = self._captured_out(state.captured_out)
-        if values:
-            self._check_size(values)
-            conn.execute(run.update().where(run.c.run_id == run_id).values(**values))
-        ours = {}
-        if "result" in columns:
-            ours["result"] = _sacred_json(state.result)
-        if "status" in columns:
-            ours["death_reason"] = None if state.death is None else str(state.death.get("reason") or "")
-        if ours:
-            self._check_size(ours)
-            conn.execute(runrelay_run.update().where(runrelay_run.c.uid == uid).values(**ours))
-
-    def _add_rows(self, conn: sa.Connection, uid: str, run_id: str, events: list[Event], plan: dict) -> dict[str, int]:
-        """Metric points, artifacts, resources; the experiment and host rows of the batch's
-        last queued or started event, whose ids are returned for the run row."""
+    def _add_rows(self, conn: sa.Connection, run_id: str, batch: Batch) -> dict[str, int]:
+        """Metric points, artifacts, resources; for a queued or started event the experiment
+        and host rows, whose ids are returned for the run row."""
         ids = {}
-        points = []
-        sqlite = conn.dialect.name == "sqlite"
-        for event in events:
-            body = event.body
-            if event.kind is Kind.METRICS:
-                points.append(_metric_row(run_id, body, sqlite))
-            elif event.kind is Kind.ARTIFACT:
-                content = self._blob(uid, body["digest"], f"artifact {body['name']!r}")
-                conn.execute(artifact.insert().values(filename=body["name"], content=content, run_id=run_id))
-            elif event.kind is Kind.RESOURCE:
-                what = f"resource {body['filename']!r}"
-                key = {"filename": body["filename"], "md5sum": body["md5"]}
-                found = _get_or_create(conn, resource, key, lambda: {"content": self._blob(uid, body["digest"], what)})
-                conn.execute(runs_resources.insert().values(run_id=run_id, resource_id=found))
-            elif "experiment_id" in plan.get(event.seq, ()):
-                ids["experiment_id"] = self._experiment(conn, uid, body)
-                ids["host_id"] = _host(conn, _untuple(body.get("host_info") or {}))
-        if points:
-            _insert_points(conn, points)
+        if len(batch.points):
+            _insert_points(conn, run_id, batch.points)
+        for entry in batch.artifacts:
+            content = self._blob(batch.run, entry, f"artifact {entry['name']!r}")
+            conn.execute(artifact.insert().values(filename=entry["name"], content=content, run_id=run_id))
+        for entry in batch.resources:
+            key = {"filename": entry["filename"], "md5sum": entry["md5"]}
+            found = self._ids.get_or_create(
+                conn, resource, key, lambda: {"content": self._blob(batch.run, entry, f"resource {key['filename']!r}")})
+            conn.execute(runs_resources.insert().values(run_id=run_id, resource_id=found))
+        if "experiment" in batch.changed:
+            ids["experiment_id"] = self._experiment(conn, batch)
+            ids["host_id"] = self._ids.get_or_create(conn, host, sacred.host_key(batch.state.host))
         return ids
 
-    def _finish(self, conn: sa.Connection, batch: Batch, new: list[Event]) -> None:
-        """Record what has been applied, in the batch's transaction."""
-        if batch.redelivery:  # the cursor has passed these events: remember them one by one
-            conn.execute(runrelay_redelivered.insert(), [{"uid": batch.run, "seq": event.seq} for event in new])
-        else:
-            update = runrelay_run.update().where(runrelay_run.c.uid == batch.run)
-            conn.execute(update.values(applied_seq=new[-1].seq))
+    def _run_columns(self, batch: Batch) -> dict[str, Any]:
+        columns = {column for name in batch.changed for column in _COLUMNS.get(name, ())}
+        values = {column: _FROM_STATE[column](batch.state) for column in columns if column in _FROM_STATE}
+        if "captured_out" in columns:
+            values["captured_out"] = self._captured_out(batch.state.captured_out)
+        return values
 
-    def _experiment(self, conn: sa.Connection, uid: str, body: dict) -> int:
+    def _bookkeeping(self, batch: Batch, redelivery: bool) -> dict[str, Any]:
+        ours: dict[str, Any] = {} if redelivery else {"applied_seq": batch.last_seq}
+        if "result" in batch.changed:
+            ours["result"] = sacred.sacred_json(batch.state.result)
+        if "death" in batch.changed:
+            death = batch.state.death
+            ours["death_reason"] = None if death is None else str(death.get("reason") or "")
+        self._check_size(ours)
+        return ours
+
+    def _experiment(self, conn: sa.Connection, batch: Batch) -> int:
         """Sacred's Experiment.get_or_create: one row per distinct experiment info."""
-        ex_info = _untuple(body.get("ex_info") or {})
-        key = {"name": ex_info.get("name"), "md5sum": hashlib.md5(json.dumps(ex_info).encode()).hexdigest()}
-        found = _find(conn, experiment, key)
+        ex_info = sacred.untuple(batch.state.experiment)
+        name, md5 = sacred.experiment_key(batch.state.experiment)
+        key = {"name": name, "md5sum": md5}
+        found = self._ids.find(conn, experiment, key)
         if found is not None:
             return found
-        experiment_id = _insert(conn, experiment, {**key, "base_dir": ex_info.get("base_dir")})
-        blobs = {entry["name"]: entry["digest"] for entry in body.get("sources") or []}
-        requirements = ex_info.get("dependencies", [])
-        dependencies = [_get_or_create(conn, dependency, _requirement(text)) for text in requirements]
-        sources = [self._source(conn, uid, name, md5, blobs) for name, md5 in ex_info.get("sources", [])]
+        experiment_id = self._ids.insert(conn, experiment, key, {**key, "base_dir": ex_info.get("base_dir")})
+        blobs = {entry["name"]: entry for entry in batch.state.sources}
+        dependencies = [self._ids.get_or_create(conn, dependency, sacred.requirement(text))
+                        for text in ex_info.get("dependencies", [])]
+        sources = [self._source(conn, batch.run, name, md5, blobs) for name, md5 in ex_info.get("sources", [])]
         repositories = [
-            _get_or_create(conn, repository, {column: repo.get(column) for column in ("url", "commit", "dirty")})
+            self._ids.get_or_create(conn, repository, {column: repo.get(column) for column in ("url", "commit", "dirty")})
             for repo in ex_info.get("repositories", [])
         ]
-        for table, column, ids in (
+        for table, column, linked in (
             (experiments_dependencies, "dependency_id", dependencies),
             (experiments_sources, "source_id", sources),
             (experiments_repositories, "repository_id", repositories),
         ):
-            rows = [{"experiment_id": experiment_id, column: id_} for id_ in dict.fromkeys(ids)]  # linked once
+            rows = [{"experiment_id": experiment_id, column: id_} for id_ in dict.fromkeys(linked)]  # linked once
             if rows:
                 conn.execute(table.insert(), rows)
         return experiment_id
 
-    def _source(self, conn: sa.Connection, uid: str, name: str, md5: str, blobs: dict[str, str]) -> int:
+    def _source(self, conn: sa.Connection, uid: str, name: str, md5: str, blobs: dict[str, dict]) -> int:
         def content() -> dict:
-            return {"content": self._blob(uid, blobs[name], f"source {name!r}").decode("utf-8")}
+            if name not in blobs:
+                raise PermanentSinkError(f"{self!r} run {uid}: source {name!r} was not captured into the journal")
+            data = self._blob(uid, blobs[name], f"source {name!r}")
+            try:
+                return {"content": data.decode("utf-8")}
+            except UnicodeDecodeError:
+                raise PermanentSinkError(f"{self!r} run {uid}: source {name!r} is not UTF-8 text") from None
 
-        return _get_or_create(conn, source, {"filename": name, "md5sum": md5}, content)
+        return self._ids.get_or_create(conn, source, {"filename": name, "md5sum": md5}, content)
 
     # --- values ------------------------------------------------------------------------------
 
-    def _blob(self, uid: str, digest: str, what: str) -> bytes:
-        path = self.blobs(uid, digest)
-        size = path.stat().st_size
-        if size > self._max_value_bytes:
-            raise ValueError(f"{what} is {size} bytes; {self._too_large_hint()}")
-        return path.read_bytes()
+    def _blob(self, run_uid: str, entry: dict, what: str) -> bytes:
+        """A blob's bytes; one that is missing, damaged or too large is permanent for its event."""
+        seq = entry.get("seq")
+        try:
+            with self.source.open_blob(run_uid, entry["digest"]) as file:
+                size = os.fstat(file.fileno()).st_size
+                if size > self._max_value_bytes:
+                    raise PermanentSinkError(f"{self!r} run {run_uid}: {what} is {size} bytes; {self._too_large_hint()}",
+                                             seq)
+                return file.read()
+        except (FileNotFoundError, ValueError) as error:
+            raise PermanentSinkError(f"{self!r} run {run_uid}: {what}: {error}", seq) from None
+        except OSError as error:
+            raise TransientSinkError(f"{self!r} run {run_uid}: cannot read {what} from the journal: {error}") from None
 
     def _captured_out(self, text: str) -> str:
-        """The output as stored: valid UTF-8, no NUL on PostgreSQL, cut from the front to
-        half the value limit (a marker says how much was cut)."""
-        data = text.encode("utf-8", "replace")  # lone surrogates fit no database
-        if self._engine.dialect.name == "postgresql":
-            data = data.replace(b"\x00", "\ufffd".encode())
-        budget = self._max_value_bytes // 2
-        if len(data) > budget:
-            data = CUT_MARKER.format(len(data) - budget).encode() + data[-budget:]
-        return data.decode("utf-8", "ignore")  # "ignore": the cut may split a character
+        """The output as stored: no NUL on PostgreSQL, its end kept within half the value limit."""
+        if self._url.get_backend_name() == "postgresql":
+            text = text.replace("\x00", "\ufffd")
+        return sacred.cut_front(text, self._max_value_bytes // 2, "output", "too large for this database")
 
     def _check_size(self, values: dict) -> None:
         sizes = {name: len(v.encode("utf-8", "replace")) for name, v in values.items() if isinstance(v, str)}
         if sum(sizes.values()) > self._max_value_bytes:
             detail = ", ".join(f"{name} {size} bytes" for name, size in sizes.items() if size)
-            raise ValueError(f"the run's {detail}: together {self._too_large_hint()}")
+            raise PermanentSinkError(f"{self!r}: the run's {detail}: together {self._too_large_hint()}")
 
     def _too_large_hint(self) -> str:
-        hint = " (raise the server's max_allowed_packet)" if self._engine.dialect.name in _MYSQL_DIALECTS else ""
+        hint = " (raise the server's max_allowed_packet)" if self._url.get_backend_name() in _MYSQL_DIALECTS else ""
         return f"more than the {self._max_value_bytes} this database takes in one write{hint}"
 
     # --- errors ------------------------------------------------------------------------------
 
-    def _converted(self, error: BaseException, uid: str | None = None, seq: int | None = None) -> Exception:
-        where = "".join([f" run {uid}" if uid else "", f" seq {seq}" if seq is not None else ""])
-        message = f"{self!r}{where}: {_summary(error)}"
+    def _converted(self, error: sa.exc.SQLAlchemyError, run_uid: str | None) -> Exception:
+        message = f"{self!r}{f' run {run_uid}' if run_uid else ''}: {_summary(error)}"
+        if _bug(error):
+            return SqlBug(message)
+        if _unusable(error):
+            return UnusableSinkError(message)
         if _permanent(error):
-            return PermanentSinkError(message, seq=seq)
+            return PermanentSinkError(message)
         return TransientSinkError(message)
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def _engine_url(url: str) -> sa.engine.URL:
+    """The URL SQLAlchemy connects to: runrelay's driver for the scheme, an absolute SQLite
+    path. SinkConfigError (without the URL: it may hold a password) if it cannot work."""
+    if _scheme(url) not in _BACKENDS:
+        raise SinkConfigError(f"not an SQL URL; SQL schemes: {', '.join(sorted(_BACKENDS))}")
+    _backend, driver, module, extra = _BACKENDS[_scheme(url)]
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise SinkConfigError("not a database URL (expected e.g. postgresql+psycopg://user@host/db)") from None
+    if module and importlib.util.find_spec(module) is None:
+        raise SinkConfigError(f"the driver {module} is not installed: pip install 'runrelay[{extra}]'")
+    parsed = parsed.set(drivername=driver)
+    if driver == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise SinkConfigError("an SQLite sink needs a file: sqlite:///relative/path.db or sqlite:////absolute.db")
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
+    elif not parsed.database:
+        raise SinkConfigError("the URL names no database (…/DATABASE at its end)")
+    return parsed
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file and its directory owner-only, as the journal is (SQLite gives
+    its -wal and -shm files the database file's mode)."""
+    make_private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
 
 
 def _sqlite_connected(dbapi_connection, _record) -> None:
@@ -540,58 +583,113 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock first: SQLite's FOR UPDATE
 
 
-def _plan(new: list[Event], revived: bool) -> dict[int, frozenset]:
-    """The run-row columns each new event writes: those its kind sets that no later event
-    of the batch sets again. When the batch withdraws a stored death verdict, its first
-    event writes the status and stop time unless a later one does. Events that write no
-    column (metric points, most of a batch) are left out."""
-    plan, later = {}, frozenset()
-    for event in reversed(new):
-        sets = _SETS.get(event.kind)
-        if sets:
-            plan[event.seq] = sets - later
-            later |= sets
-    if revived:
-        plan[new[0].seq] = plan.get(new[0].seq, frozenset()) | (_REVIVED - later)
-    return plan
+class _Ids:
+    """Sacred's get_or_create for shared rows (hosts, experiments, resources, …), with the
+    ids already found remembered: rows are only ever added, so an id found stays right.
+    What a transaction found joins the memory only once it commits."""
+
+    def __init__(self):
+        self._known: dict[tuple, int] = {}
+        self._pending: dict[tuple, int] = {}
+
+    def find(self, conn: sa.Connection, table: sa.Table, key: dict) -> int | None:
+        memo = (table.name, *sorted(key.items()))
+        found = self._known.get(memo) or self._pending.get(memo)
+        if found is None:
+            primary = next(iter(table.primary_key))
+            where = [table.c[name] == value for name, value in key.items()]
+            found = conn.execute(sa.select(primary).where(*where).order_by(primary).limit(1)).scalar()
+            if found is not None:
+                self._pending[memo] = found
+        return found
+
+    def insert(self, conn: sa.Connection, table: sa.Table, key: dict, values: dict) -> int:
+        found = conn.execute(table.insert().values(**values)).inserted_primary_key[0]
+        self._pending[(table.name, *sorted(key.items()))] = found
+        return found
+
+    def get_or_create(self, conn: sa.Connection, table: sa.Table, key: dict, more: Callable[[], dict] = dict) -> int:
+        """The first row matching ``key``, else a new one (``more`` adds the other columns,
+        read only when needed)."""
+        found = self.find(conn, table, key)
+        return found if found is not None else self.insert(conn, table, key, {**key, **more()})
+
+    def committed(self) -> None:
+        self._known.update(self._pending)
+        self._pending.clear()
 
 
-def _find(conn: sa.Connection, table: sa.Table, key: dict) -> int | None:
-    primary = next(iter(table.primary_key))
-    where = [table.c[name] == value for name, value in key.items()]
-    return conn.execute(sa.select(primary).where(*where).order_by(primary).limit(1)).scalar()
+class _Deadline:
+    """Bounds each PostgreSQL transaction by the sink's timeout.
+
+    libpq has no read timeout, and a frozen (SIGSTOPped) server's kernel still acknowledges
+    every packet, so neither TCP keepalives nor tcp_user_timeout ever fire. When a
+    transaction outlives the timeout, the sockets of the sink's connections are shut down:
+    the blocked call fails as a lost connection (transient) and the pool reconnects.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._connections: weakref.WeakSet = weakref.WeakSet()
+        self._changed = threading.Condition()
+        self._expires: float | None = None
+        self._stopped = False
+        threading.Thread(target=self._guard, name="runrelay-sql-deadline", daemon=True).start()
+
+    def watch(self, dbapi_connection) -> None:
+        self._connections.add(dbapi_connection)
+
+    @contextlib.contextmanager
+    def bounding(self) -> Iterator[None]:
+        with self._changed:
+            self._expires = time.monotonic() + self.seconds
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._expires = None
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+
+    def _guard(self) -> None:
+        with self._changed:
+            while not self._stopped:
+                if self._expires is None:
+                    self._changed.wait()
+                elif time.monotonic() < self._expires:
+                    self._changed.wait(self._expires - time.monotonic())
+                else:
+                    self._expires = None
+                    for connection in list(self._connections):
+                        _shut_down(connection)
 
 
-def _insert(conn: sa.Connection, table: sa.Table, values: dict) -> int:
-    return conn.execute(table.insert().values(**values)).inserted_primary_key[0]
-
-
-def _get_or_create(conn: sa.Connection, table: sa.Table, key: dict, more: Callable[[], dict] = dict) -> int:
-    """Sacred's get_or_create: the first row matching ``key``, else a new one (``more`` adds
-    the other columns, read only when needed)."""
-    found = _find(conn, table, key)
-    return found if found is not None else _insert(conn, table, {**key, **more()})
-
-
-def _host(conn: sa.Connection, host_info: dict) -> int:
-    os_name, os_info = (list(host_info.get("os") or []) + [None, None])[:2]
-    key = {
-        "hostname": host_info.get("hostname"),
-        "cpu": host_info.get("cpu"),
-        "os": os_name,
-        "os_info": os_info,
-        "python_version": host_info.get("python_version"),
-    }
-    return _get_or_create(conn, host, key)
-
-
-def _requirement(text: str) -> dict:
-    """A dependency as Sacred splits it: ``name==version``."""
-    name, _, version = text.partition("==")
-    return {"name": name, "version": version}
+def _shut_down(dbapi_connection) -> None:
+    with contextlib.suppress(Exception):  # already closed, or never connected
+        fd = dbapi_connection.driver_connection.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 _METRIC_COLUMNS = ("run_id", "name", "step", "value", "nonfinite", "timestamp")
+
+
+def _metric_rows(run_id: str, points, sqlite: bool) -> list[tuple]:
+    """(run_id, name, step, value, nonfinite, timestamp) per point. A non-finite value is
+    NULL plus 'nan', 'inf' or '-inf' (MySQL has no NaN; Python's float() reads them back)."""
+    values = [float(value) for value in points.values]
+    nonfinite = [None] * len(values)
+    if not all(map(math.isfinite, values)):
+        nonfinite = [None if math.isfinite(value) else repr(value) for value in values]
+        values = [value if text is None else None for value, text in zip(values, nonfinite)]
+    timestamps = points.timestamps
+    if sqlite:
+        timestamps = [None if timestamp is None else _sqlite_time(timestamp) for timestamp in timestamps]
+    return list(zip([run_id] * len(values), points.names, points.steps, values, nonfinite, timestamps))
 
 
 def _sqlite_time(value: dt.datetime) -> str:
@@ -601,20 +699,21 @@ def _sqlite_time(value: dt.datetime) -> str:
     return text if value.microsecond else text + ".000000"
 
 
-def _insert_points(conn: sa.Connection, points: list[tuple]) -> None:
+def _insert_points(conn: sa.Connection, run_id: str, points) -> None:
     """Metric rows straight through the driver, in the batch's transaction: SQLAlchemy's
     per-row parameter processing was a quarter of the replay time for metric batches."""
+    rows = _metric_rows(run_id, points, conn.dialect.name == "sqlite")
     if conn.dialect.name == "postgresql":
         statement = f"COPY {metric.name} ({', '.join(_METRIC_COLUMNS)}) FROM STDIN"
         driver_error = conn.dialect.loaded_dbapi.Error
         try:
             with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-                for point in points:
-                    copy.write_row(point)
+                for row in rows:
+                    copy.write_row(row)
         except driver_error as error:  # raw driver errors: wrap them as SQLAlchemy would
             raise sa.exc.DBAPIError.instance(statement, None, error, driver_error, dialect=conn.dialect) from None
     else:
-        conn.exec_driver_sql(_metric_insert_sql(conn.dialect), points)
+        conn.exec_driver_sql(_metric_insert_sql(conn.dialect), rows)
 
 
 def _metric_insert_sql(dialect: sa.Dialect) -> str:
@@ -623,68 +722,31 @@ def _metric_insert_sql(dialect: sa.Dialect) -> str:
     return f"INSERT INTO {metric.name} ({names}) VALUES ({', '.join([marker] * len(_METRIC_COLUMNS))})"
 
 
-def _metric_row(run_id: str, body: dict, sqlite: bool) -> tuple:
-    value, step = body["value"], body["step"]
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"metric {body['name']!r}: value {value!r} is not a number")
-    if isinstance(step, float) and step.is_integer():
-        step = int(step)
-    if step is not None and type(step) is not int:  # else the driver's "cannot bind" looks transient
-        raise ValueError(f"metric {body['name']!r}: step {step!r} is not an integer")
-    number = float(value)
-    finite = math.isfinite(number)
-    timestamp = _naive_utc(body["timestamp"])
-    if sqlite and timestamp is not None:
-        timestamp = _sqlite_time(timestamp)
-    # a non-finite value is NULL plus 'nan', 'inf' or '-inf', which float() reads back
-    return run_id, body["name"], step, number if finite else None, None if finite else repr(number), timestamp
+class SqlBug(Exception):
+    """A statement the database could not parse: runrelay's bug, never the data's."""
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` for Sacred's numeric columns: a finite number, else None."""
-    if not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
+def _bug(error: sa.exc.SQLAlchemyError) -> bool:
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    code = error.orig.args[0] if error.orig.args else None
+    return (getattr(error.orig, "sqlstate", None) == "42601" or code == 1064
+            or type(error.orig).__module__.startswith("sqlite3") and "syntax error" in str(error.orig))
 
 
-def _naive_utc(value: dt.datetime | None) -> dt.datetime | None:
-    """Naive UTC, as Sacred's observers store times (columns without a time zone)."""
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+def _unusable(error: sa.exc.SQLAlchemyError) -> bool:
+    """True if the database refuses this sink as configured (retrying soon cannot help)."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    code = error.orig.args[0] if error.orig.args else None
+    text = str(error.orig)
+    return (code in _MYSQL_UNUSABLE
+            or getattr(error.orig, "sqlstate", None) in _POSTGRES_UNUSABLE_STATES
+            or bool(_POSTGRES_UNUSABLE.search(text))
+            or "unable to open database file" in text or "readonly database" in text)
 
 
-def _untuple(value: Any) -> Any:
-    """Undo ``flatten``'s tuple form ({"py/tuple": [...]}), so ``json.dumps`` sees what it
-    saw in Sacred (tuples as lists): Sacred's experiment md5 is taken over that text."""
-    if isinstance(value, dict):
-        if value.keys() == {"py/tuple"}:
-            return _untuple(value["py/tuple"])
-        return {key: _untuple(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_untuple(item) for item in value]
-    return value
-
-
-def _sacred_json(value: Any) -> str:
-    """``json.dumps(flatten(value))``, as Sacred's SqlObserver stores config and info. The
-    journal keeps datetimes as datetimes; they are put back in jsonpickle's form here."""
-    return json.dumps(value, default=_pickled_datetime)
-
-
-def _pickled_datetime(value: Any) -> dict:
-    if not isinstance(value, dt.datetime):
-        raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
-    state = _naive_utc(value).__reduce__()[1][0]  # the 10 bytes pickle keeps
-    reduced = [{"py/type": "datetime.datetime"}, [base64.b64encode(state).decode("ascii")]]
-    return {"py/object": "datetime.datetime", "__reduce__": reduced}
-
-
-def _permanent(error: BaseException) -> bool:
+def _permanent(error: sa.exc.SQLAlchemyError) -> bool:
     """True if retrying cannot help: the database can never take this value."""
     if isinstance(error, sa.exc.DBAPIError):
         if error.connection_invalidated:
@@ -695,14 +757,10 @@ def _permanent(error: BaseException) -> bool:
         if state[:2] in ("22", "23", "54") or code in _MYSQL_PERMANENT:
             return True
         return isinstance(error, (sa.exc.DataError, sa.exc.IntegrityError))
-    if isinstance(error, OSError):
-        return isinstance(error, FileNotFoundError)  # a blob that is gone stays gone
-    # a value that cannot be converted (bind processing, our own checks), or a malformed body
-    return isinstance(error, (sa.exc.StatementError, ValueError, TypeError, LookupError, ArithmeticError,
-                              AttributeError))
+    return isinstance(error, sa.exc.StatementError)  # a value the driver cannot bind
 
 
-def _summary(error: BaseException) -> str:
+def _summary(error: sa.exc.SQLAlchemyError) -> str:
     """One line about ``error``: the driver's message, never the statement or its parameters."""
     cause = error.orig if isinstance(error, sa.exc.DBAPIError) else error
     lines = str(cause).strip().splitlines() or [""]

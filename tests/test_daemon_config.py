@@ -56,7 +56,9 @@ def test_defaults_follow_runrelay_home(tmp_path):
     config = load(environ={"RUNRELAY_HOME": str(tmp_path)})
     assert config.journal == tmp_path / "journal"
     assert config.state == tmp_path / "state"
-    assert config.sinks == (f"sqlite:///{tmp_path / 'runs.sqlite'}",)
+    assert [(sink.name, sink.url) for sink in config.sinks] == [
+        (f"sqlite:///{tmp_path / 'runs.sqlite'}", f"sqlite:///{tmp_path / 'runs.sqlite'}")]
+    assert not config.sinks_given and not config.journal_given
     assert config.delivery.batch_events == 5000
     assert config.source is None
 
@@ -75,15 +77,15 @@ max_seconds = 7
     assert config.source == str(tmp_path / "runrelay.toml")
     assert config.journal == Path("/from/file/journal")
     assert config.state == Path("/from/flag/state")
-    assert config.sinks == ("sqlite:////a.sqlite", "sqlite:////b.sqlite")
+    assert [sink.url for sink in config.sinks] == ["sqlite:////a.sqlite", "sqlite:////b.sqlite"]
     assert config.retry.max_seconds == 9.0
 
 
 def test_passwords_come_from_the_environment_and_are_never_shown(tmp_path):
     environ = {"RUNRELAY_HOME": str(tmp_path), "PGPASS": "s3cret"}
     config = load(None, {"sinks": ["postgresql+psycopg://relay:${PGPASS}@db/runs"]}, environ=environ)
-    assert config.sinks == ("postgresql+psycopg://relay:s3cret@db/runs",)
-    assert config.redacted_sinks == ["postgresql+psycopg://relay:***@db/runs"]
+    assert [sink.url for sink in config.sinks] == ["postgresql+psycopg://relay:s3cret@db/runs"]
+    assert config.sink_names == ["postgresql://relay@db:5432/runs"]
     assert "s3cret" not in repr(config)
 
 
@@ -116,7 +118,48 @@ def test_a_relative_sqlite_path_is_pinned_to_the_current_directory(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     config = load(None, {"sinks": ["sqlite:///runs.sqlite", "sqlite:////abs/runs.sqlite"]},
                   environ={"RUNRELAY_HOME": str(tmp_path)})
-    assert config.sinks == (f"sqlite:///{tmp_path / 'runs.sqlite'}", "sqlite:////abs/runs.sqlite")
+    assert config.sink_names == [f"sqlite:///{tmp_path / 'runs.sqlite'}", "sqlite:////abs/runs.sqlite"]
+
+
+def test_named_sinks_with_options_and_the_name_as_their_key(tmp_path):
+    _write(tmp_path / "runrelay.toml", """
+[sinks.main]
+url = "sqlite:////data/runs.sqlite"
+[sinks.pg]
+url = "postgresql://relay@db/runs"
+timeout_seconds = 5
+""")
+    config = load(None, environ={"RUNRELAY_HOME": str(tmp_path)})
+    assert config.sink_names == ["main", "pg"]
+    assert config.sinks[1].options == {"timeout_seconds": 5.0}
+    picked = load(None, {"sinks": ["pg"]}, environ={"RUNRELAY_HOME": str(tmp_path)})
+    assert picked.sink_names == ["pg"] and picked.sinks_given
+    named = load(None, {"sinks": ["archive=sqlite:////x.sqlite"]}, environ={"RUNRELAY_HOME": str(tmp_path)})
+    assert named.sink_names == ["archive"]
+
+
+def test_two_spellings_of_one_database_are_one_sink_and_an_option_does_not_rename_it(tmp_path):
+    environ = {"RUNRELAY_HOME": str(tmp_path)}
+    mysql = load(None, {"sinks": ["mysql://root@db/runs"]}, environ=environ).sink_names
+    pymysql = load(None, {"sinks": ["mysql+pymysql://root@db:3306/runs?charset=utf8mb4"]}, environ=environ).sink_names
+    assert mysql == pymysql == ["mysql://root@db:3306/runs"]
+    with pytest.raises(ConfigError, match="are the same sink"):
+        load(None, {"sinks": ["mysql://root@db/runs", "mariadb+pymysql://root@db/runs"]}, environ=environ)
+
+
+def test_sink_problems_found_without_io_name_the_fix(tmp_path):
+    _write(tmp_path / "runrelay.toml", """
+[sinks.pg]
+url = "postgresql://relay@db/runs"
+timeout = 5
+[sinks.mem]
+url = "sqlite://"
+""")
+    with pytest.raises(ConfigError) as caught:
+        load(None, {"sinks": ["pg", "typo"]}, environ={"RUNRELAY_HOME": str(tmp_path)})
+    problems = " | ".join(caught.value.problems)
+    assert "sink pg: unknown option 'timeout' (this sink takes timeout_seconds)" in problems
+    assert "sink mem: url: an SQLite sink needs a file" in problems
 
 
 def test_redacted_urls_hide_every_password_form():

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from runrelay.eventlog.reader import Journal
+from runrelay.sinks.sql import SqlSink
 from test_replay_crash import (
     WAIT_SECONDS,
     Experiment,
@@ -128,10 +129,10 @@ def test_postgres_outage_mid_stream_daemon_waits_and_resumes_while_sqlite_keeps_
 
             def outage_shown() -> dict | None:
                 report = status(journal, state, tmp_path, *urls)
-                return report if report[postgres_url]["failing_since"] else None
+                return report if report[SqlSink.identity(postgres_url)]["failing_since"] else None
 
             report = wait_for(outage_shown, "status to show the outage", daemon, log)
-            down, up = report[postgres_url], report[sqlite_url]
+            down, up = report[SqlSink.identity(postgres_url)], report[SqlSink.identity(sqlite_url)]
             assert down["daemon_pid"] == daemon.pid
             assert down["pending_events"] >= during.writer.next_seq, down  # at least the run written meanwhile
             assert down["pending_runs"] >= 1 and down["retries"] >= 1, down
@@ -150,7 +151,7 @@ def test_postgres_outage_mid_stream_daemon_waits_and_resumes_while_sqlite_keeps_
         ends = {run: Journal(journal).verify(run).last_seq for run in Journal(journal).runs()}
         for url in urls:
             wait_for(lambda: holds(url, ends), f"{url.split(':')[0]} to hold everything", daemon, log)
-        retries = status(journal, state, tmp_path, *urls)[postgres_url]["retries"]
+        retries = status(journal, state, tmp_path, *urls)[SqlSink.identity(postgres_url)]["retries"]
     finally:
         if not postgres_server.running:
             postgres_server.start()  # for the tests after this one
