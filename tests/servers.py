@@ -147,6 +147,22 @@ class Server:
         # refuses to start while an old backend still holds its shared memory.
         wait_until_dead(doomed)
 
+    @contextlib.contextmanager
+    def frozen(self):
+        """SIGSTOP the server and all its processes (a hung, not a dead, server: the kernel
+        still accepts and acknowledges connections); SIGCONT them on leaving."""
+        os.kill(self.process.pid, signal.SIGSTOP)  # first, so it forks no child meanwhile
+        stopped = [self.process.pid, *children_of(self.process.pid)]
+        for pid in stopped[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in reversed(stopped):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Shut the server down cleanly (SIGKILL if it takes longer than STOP_TIMEOUT)."""
         if not self.running:

@@ -3,7 +3,6 @@ with Sacred's own reading model (``Run.to_json()``): the two must agree."""
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,11 @@ import sqlalchemy as sa
 from sacred.observers.sql_bases import Base, Run
 from sqlalchemy.orm import Session
 
+from runrelay.daemon.delivery import Stretch, apply_isolating
 from runrelay.eventlog import Event, Journal, Kind
-from runrelay.eventlog.fold import RunState, fold
-from runrelay.sinks.base import Batch, PermanentSinkError
-from runrelay.sinks.sql import SqlSink
+from runrelay.eventlog.events import Points
+from runrelay.sinks.base import Sink
+from sinkkit import Delivery, deliver, open_sink
 
 EXPERIMENT = Path(__file__).parent / "experiments" / "seed_experiment.py"
 BATCH_EVENTS = 7  # several batches, cut at arbitrary places
@@ -30,15 +30,11 @@ def observe(mode: str, journal_dir: Path, sacred_db: Path) -> subprocess.Complet
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
-def replay(journal: Journal, sink: SqlSink) -> None:
+def replay(journal: Journal, sink: Sink) -> None:
     """Deliver every journaled run to ``sink`` in batches, as the daemon would."""
     for run in journal.runs():
-        events = list(journal.events(run))
-        state = RunState(run, track_metrics=False)
-        for start in range(0, len(events), BATCH_EVENTS):
-            chunk = events[start : start + BATCH_EVENTS]
-            state = fold(chunk, copy.deepcopy(state))
-            sink.apply(Batch(run, chunk, state))
+        last = max(event.seq for event in journal.events(run))
+        deliver(sink, journal, run, *range(BATCH_EVENTS, last + 1, BATCH_EVENTS))
 
 
 def read_with_sacred(database: Path) -> dict:
@@ -61,8 +57,7 @@ def read_with_sacred(database: Path) -> dict:
 
 def replay_into(journal_dir, database) -> None:
     journal = Journal(journal_dir)
-    sink = SqlSink(f"sqlite:///{database}", journal.blob)
-    sink.open()
+    sink = open_sink(f"sqlite:///{database}", journal)
     try:
         replay(journal, sink)
     finally:
@@ -109,16 +104,17 @@ def test_tables_sacred_created_take_our_runs(server, request, journal_dir, tmp_p
     *lived, ended = journal.events(run)  # the run as if it had died instead of completing
     verdict = {"status": "DIED", "reason": "test", "last_heartbeat": lived[-1].body["beat_time"]}
     died = Event(run, ended.seq, Kind.DIED, ended.time, verdict)
-    state = fold(lived, RunState(run, track_metrics=False))
-    sink = SqlSink(url, journal.blob)
-    sink.open()
+    sink = open_sink(url, journal)
+    letters = {}
     try:
-        sink.apply(Batch(run, lived, state))
-        with pytest.raises(PermanentSinkError) as caught:
-            sink.apply(Batch(run, [died], fold([died], copy.deepcopy(state))))
-        assert caught.value.seq == died.seq
+        delivery = Delivery(journal, run)
+        delivery.apply(sink, through=ended.seq - 1)
+        verdict_only = Stretch(run, delivery.state, [died], Points(), died.seq, died.seq)
+        apply_isolating(sink.apply, verdict_only, lambda call: call(),
+                        lambda event, reason: letters.setdefault(event.seq, reason))
     finally:
         sink.close()
+    assert list(letters) == [died.seq] and "status" in letters[died.seq]
     engine = sa.create_engine(url)
     try:
         with Session(engine) as session:

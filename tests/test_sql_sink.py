@@ -1,10 +1,8 @@
-"""The SQL sink against real SQLite, PostgreSQL and MariaDB databases (no mocks)."""
+"""What is SQL-specific in the SQL sink, against real SQLite, PostgreSQL and MariaDB
+databases (no mocks). What every sink must do is in test_sink_contract.py."""
 
 from __future__ import annotations
 
-import copy
-import datetime as dt
-import hashlib
 import json
 import math
 import sqlite3
@@ -15,18 +13,13 @@ import pytest
 import sqlalchemy as sa
 from sacred.serializer import flatten
 
-from runrelay.eventlog import Journal, JournalWriter, Kind
-from runrelay.eventlog.fold import RunState, fold
-from runrelay.sinks import sql
-from runrelay.sinks.base import Batch, PermanentSinkError, TransientSinkError
-from runrelay.sinks.registry import sink_for
+from runrelay.eventlog import Journal, Kind
+from runrelay.sinks import sql, sql_tables as tables
+from runrelay.sinks.base import SinkConfigError, TransientSinkError
+from runrelay.sinks.sql import SqlSink
+from sinkkit import Delivery, at, beat, deliver, lifecycle, make_files, open_sink, point, started, write_run
 
-T0 = dt.datetime(2024, 5, 1, 12, 0, 0, 123456)
 DIALECTS = ["sqlite", "postgres", "mariadb"]
-
-
-def at(seconds: float) -> dt.datetime:
-    return T0 + dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture(params=DIALECTS)
@@ -43,111 +36,14 @@ def journal(journal_dir) -> Journal:
 
 @pytest.fixture
 def files(tmp_path) -> Path:
-    """An experiment's directory: a source file, a data file, a model."""
-    path = tmp_path / "experiment"
-    path.mkdir()
-    (path / "train.py").write_text("print('training')  # é\n")
-    (path / "data.csv").write_text("1,2\n3,4\n")
-    (path / "model.bin").write_bytes(bytes(range(256)) * 4)
-    return path
+    return make_files(tmp_path / "experiment")
 
 
 @pytest.fixture
 def sink(url, journal):
-    sink = sql.SqlSink(url, journal.blob)
-    sink.open()
+    sink = open_sink(url, journal)
     yield sink
     sink.close()
-
-
-# --- making runs ------------------------------------------------------------------------------
-
-
-def write_run(journal: Journal, steps: list[tuple[Kind, dict]]) -> str:
-    """Journal one run. A body's ``file`` (a path) is stored as a blob and replaced by its
-    digest, md5 and size; a started body's ``sources`` are paths stored the same way."""
-    with JournalWriter.create(journal.root) as writer:
-        for kind, body in steps:
-            body = dict(body)
-            if "file" in body:
-                body.update(writer.store_file(body.pop("file")))
-            if "sources" in body:
-                body["sources"] = [{"name": path.name, **writer.store_file(path)} for path in body["sources"]]
-            writer.append(kind, body)
-    return writer.run
-
-
-def started(files: Path, **changes) -> tuple[Kind, dict]:
-    source = files / "train.py"
-    md5 = hashlib.md5(source.read_bytes()).hexdigest()
-    body = {
-        "ex_info": {
-            "name": "demo",
-            "base_dir": str(files),
-            "sources": [{"py/tuple": ["train.py", md5]}],
-            "dependencies": ["numpy==1.26.4", "sacred==0.8.7"],
-            "repositories": [{"url": "git@example.com:demo.git", "commit": "a" * 40, "dirty": False}] * 2,
-            "mainfile": "train.py",
-        },
-        "command": "main",
-        "host_info": {"hostname": "node-1", "cpu": "Test CPU", "os": ["Linux", "Linux-6.1-x86_64"],
-                      "python_version": "3.11.7", "ENV": {}},
-        "start_time": at(0),
-        "config": {"lr": 0.1, "layers": [64, 32], "when": at(-60), "seed": 7},
-        "meta_info": {"command": "main", "options": {}, "comment": "first try", "priority": 2},
-        "sources": [source],
-        "process": {"host": "node-1", "boot_id": "boot", "pid": 1, "start_ticks": 1},
-    }
-    return Kind.STARTED, {**body, **changes}
-
-
-def point(name: str, step: int, value, second: float) -> tuple[Kind, dict]:
-    return Kind.METRICS, {"name": name, "step": step, "value": value, "timestamp": at(second)}
-
-
-def beat(second: float, output: str, result=None) -> tuple[Kind, dict]:
-    return Kind.HEARTBEAT, {"beat_time": at(second), "info": {"epoch": second}, "result": result,
-                            "captured_out_append": output}
-
-
-def lifecycle(files: Path, ending: tuple[Kind, dict] | None = None) -> list[tuple[Kind, dict]]:
-    model = files / "model.bin"
-    return [
-        started(files),
-        (Kind.RESOURCE, {"filename": str(files / "data.csv"), "file": files / "data.csv"}),
-        point("loss", 0, 0.5, 1),
-        point("loss", 1, float("nan"), 2),
-        beat(3, "epoch 1\n"),
-        point("loss", 2, float("inf"), 4),
-        point("accuracy", 0, 3, 4),
-        (Kind.ARTIFACT, {"name": "model.bin", "filename": str(model), "file": model, "metadata": {"format": "raw"},
-                         "content_type": None}),
-        beat(5, "epoch 2\n", result=0.25),
-        ending or (Kind.COMPLETED, {"stop_time": at(9), "result": 0.25}),
-    ]
-
-
-def batches(journal: Journal, run: str, *cuts: int, redelivery: bool = False) -> list[Batch]:
-    """The run's events as batches, a new one starting at each seq in ``cuts``."""
-    events = list(journal.events(run))
-    bounds = [0, *cuts, len(events)]
-    state = RunState(run, track_metrics=False)
-    result = []
-    for start, end in zip(bounds, bounds[1:]):
-        state = fold(events[start:end], copy.deepcopy(state))
-        result.append(Batch(run, events[start:end], state, redelivery))
-    return result
-
-
-def everything(journal: Journal, run: str) -> Batch:
-    return batches(journal, run)[0]
-
-
-def without(batch: Batch, seq: int) -> Batch:
-    """What the daemon applies after dead-lettering ``seq`` from a whole run's batch: the
-    other events, and the state folded without it (docs/daemon.md, "Dead letters")."""
-    kept = [event for event in batch.events if event.seq != seq]
-    return Batch(batch.run, kept, fold(kept, RunState(batch.run, track_metrics=False)))
 
 
 # --- reading databases ------------------------------------------------------------------------
@@ -162,42 +58,18 @@ def query(url: str, statement) -> list[sa.Row]:
         engine.dispose()
 
 
-def dump(url: str) -> dict[str, list]:
-    """Every row of every table of ours, in a stable order."""
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            tables = sql.metadata.sorted_tables
-            return {table.name: sorted(conn.execute(sa.select(table)).all(), key=repr) for table in tables}
-    finally:
-        engine.dispose()
-
-
 def run_row(url: str, run: str) -> sa.Row:
-    join = sql.run.join(sql.runrelay_run, sql.run.c.run_id == sql.runrelay_run.c.run_id)
-    statement = sa.select(sql.run, sql.runrelay_run.c.applied_seq, sql.runrelay_run.c.result.label("result_json"),
-                          sql.runrelay_run.c.death_reason).select_from(join).where(sql.runrelay_run.c.uid == run)
+    join = tables.run.join(tables.runrelay_run, tables.run.c.run_id == tables.runrelay_run.c.run_id)
+    statement = sa.select(tables.run, tables.runrelay_run.c.applied_seq,
+                          tables.runrelay_run.c.result.label("result_json"),
+                          tables.runrelay_run.c.death_reason).select_from(join).where(tables.runrelay_run.c.uid == run)
     return query(url, statement)[0]
 
 
 def metric_values(url: str, run_id: str) -> list[tuple]:
-    rows = query(url, sa.select(sql.metric).where(sql.metric.c.run_id == run_id).order_by(sql.metric.c.metric_id))
+    metric = tables.metric
+    rows = query(url, sa.select(metric).where(metric.c.run_id == run_id).order_by(metric.c.metric_id))
     return [(row.name, row.step, row.value if row.nonfinite is None else float(row.nonfinite)) for row in rows]
-
-
-def run_contents(url: str, run: str) -> dict:
-    """What one run holds, without ids: for comparing two runs in one database."""
-    row = run_row(url, run)._asdict()
-    run_id = row.pop("run_id")
-    row.pop("id")
-    artifacts = query(url, sa.select(sql.artifact.c.filename, sql.artifact.c.content)
-                      .where(sql.artifact.c.run_id == run_id).order_by(sql.artifact.c.artifact_id))
-    resources = query(url, sa.select(sql.resource.c.filename, sql.resource.c.content)
-                      .join(sql.runs_resources).where(sql.runs_resources.c.run_id == run_id))
-    metrics = query(url, sa.select(sql.metric.c.name, sql.metric.c.step, sql.metric.c.value, sql.metric.c.nonfinite,
-                                   sql.metric.c.timestamp).where(sql.metric.c.run_id == run_id)
-                    .order_by(sql.metric.c.metric_id))
-    return {"run": row, "artifacts": artifacts, "resources": resources, "metrics": metrics}
 
 
 def same_floats(left: list[tuple], right: list[tuple]) -> bool:
@@ -212,8 +84,7 @@ def same_floats(left: list[tuple], right: list[tuple]) -> bool:
 
 def test_a_whole_run_is_stored_in_sacreds_tables(sink, url, journal, files):
     run = write_run(journal, lifecycle(files))
-    for batch in batches(journal, run, 3, 5, 8):
-        sink.apply(batch)
+    deliver(sink, journal, run, 3, 5, 8)
 
     row = run_row(url, run)
     assert (row.run_id, row.status, row.command, row.applied_seq) == ("0", "COMPLETED", "main", 9)
@@ -225,18 +96,18 @@ def test_a_whole_run_is_stored_in_sacreds_tables(sink, url, journal, files):
     assert row.info == '{"epoch": 5}'
     assert same_floats(metric_values(url, "0"), [("loss", 0, 0.5), ("loss", 1, math.nan), ("loss", 2, math.inf),
                                                  ("accuracy", 0, 3.0)])
-    [artifact] = query(url, sa.select(sql.artifact))
+    [artifact] = query(url, sa.select(tables.artifact))
     assert (artifact.filename, artifact.content, artifact.run_id) == ("model.bin", bytes(range(256)) * 4, "0")
-    [resource] = query(url, sa.select(sql.resource).join(sql.runs_resources))
+    [resource] = query(url, sa.select(tables.resource).join(tables.runs_resources))
     assert (resource.filename, resource.content) == (str(files / "data.csv"), b"1,2\n3,4\n")
-    [experiment] = query(url, sa.select(sql.experiment))
+    [experiment] = query(url, sa.select(tables.experiment))
     assert (experiment.name, experiment.base_dir) == ("demo", str(files))
-    [source] = query(url, sa.select(sql.source))
+    [source] = query(url, sa.select(tables.source))
     assert (source.filename, source.content) == ("train.py", "print('training')  # é\n")
-    assert sorted(query(url, sa.select(sql.dependency.c.name, sql.dependency.c.version))) == [
+    assert sorted(query(url, sa.select(tables.dependency.c.name, tables.dependency.c.version))) == [
         ("numpy", "1.26.4"), ("sacred", "0.8.7")]
-    assert len(query(url, sa.select(sql.experiments_repositories))) == 1  # Sacred links a repository once
-    [machine] = query(url, sa.select(sql.host))
+    assert len(query(url, sa.select(tables.experiments_repositories))) == 1  # Sacred links a repository once
+    [machine] = query(url, sa.select(tables.host))
     assert (machine.hostname, machine.os, machine.os_info) == ("node-1", "Linux", "Linux-6.1-x86_64")
     assert sink.applied(run) == 9
     assert sink.applied("01890000-0000-7000-8000-000000000000") == -1
@@ -244,47 +115,21 @@ def test_a_whole_run_is_stored_in_sacreds_tables(sink, url, journal, files):
 
 def test_heartbeats_reach_the_run_row_while_the_run_is_alive(sink, url, journal, files):
     run = write_run(journal, lifecycle(files))
-    first, _ = batches(journal, run, 5)
-    sink.apply(first)
+    Delivery(journal, run).apply(sink, through=4)
     row = run_row(url, run)
     assert (row.status, row.heartbeat, row.info) == ("RUNNING", at(3), '{"epoch": 3}')
     assert row.captured_out == "epoch 1\n"
     assert row.stop_time is None
 
 
-def test_applying_a_batch_twice_changes_nothing(sink, url, journal, files):
-    run = write_run(journal, lifecycle(files))
-    for batch in batches(journal, run, 4):
-        sink.apply(batch)
-    once = dump(url)
-    for batch in batches(journal, run, 4):
-        sink.apply(batch)
-    sink.apply(everything(journal, run))
-    assert dump(url) == once
-
-
-def test_a_prefix_then_everything_equals_everything_once(sink, url, journal, files):
-    whole = write_run(journal, lifecycle(files))
-    sink.apply(everything(journal, whole))
-    expected = run_contents(url, whole)
-    for cut in (1, 4, 8, 9):
-        run = write_run(journal, lifecycle(files))
-        sink.apply(batches(journal, run, cut)[0])  # a prefix: the daemon crashed after it
-        sink.apply(everything(journal, run))
-        contents = run_contents(url, run)
-        assert contents["run"] == expected["run"]
-        assert contents["artifacts"] == expected["artifacts"] and contents["resources"] == expected["resources"]
-        assert same_floats(contents["metrics"], expected["metrics"])
-    assert len(query(url, sa.select(sql.experiment))) == 1  # the same experiment, found again
-
-
 def test_non_finite_metric_values_round_trip(sink, url, journal, files):
     values = [float("nan"), float("inf"), float("-inf"), 0.1, -0.0, 7, 1e308, 5e-324]
     run = write_run(journal, [started(files), *(point("x", i, v, i) for i, v in enumerate(values))])
-    sink.apply(everything(journal, run))
+    deliver(sink, journal, run)
     stored = [value for _, _, value in metric_values(url, "0")]
     assert same_floats([tuple(stored)], [tuple(float(v) for v in values)])
-    assert [row.nonfinite for row in query(url, sa.select(sql.metric).order_by(sql.metric.c.metric_id))][:4] == [
+    metric = tables.metric
+    assert [row.nonfinite for row in query(url, sa.select(metric).order_by(metric.c.metric_id))][:4] == [
         "nan", "inf", "-inf", None]
 
 
@@ -293,9 +138,9 @@ def test_run_ids_follow_sacreds_rule_and_are_given_once(sink, url, journal, file
     given = write_run(journal, [started(files, sacred_id="my-run")])
     taken = write_run(journal, [started(files, sacred_id="my-run")])
     for run in [*runs, given, taken]:
-        sink.apply(everything(journal, run))
-        sink.apply(everything(journal, run))
-    ids = query(url, sa.select(sql.run.c.id, sql.run.c.run_id).order_by(sql.run.c.id))
+        deliver(sink, journal, run)
+        deliver(sink, journal, run)
+    ids = query(url, sa.select(tables.run.c.id, tables.run.c.run_id).order_by(tables.run.c.id))
     # SqlObserver: 0 for the first run, then the highest id + 1 (ids start at 1)
     assert ids == [(1, "0"), (2, "2"), (3, "3"), (4, "my-run"), (5, "5")]
     assert [sink.applied(run) for run in runs] == [0, 0, 0]
@@ -314,27 +159,25 @@ def in_threads(function, sinks: list) -> None:
 
 def test_runs_created_at_once_by_two_writers_get_distinct_ids(url, journal, files):
     runs = [write_run(journal, lifecycle(files)) for _ in range(8)]
-    sinks = [sql.SqlSink(url, journal.blob) for _ in range(2)]
-    for sink in sinks:
-        sink.open()
+    sinks = [open_sink(url, journal) for _ in range(2)]
     ready = threading.Barrier(len(sinks))
     races = []
 
-    def deliver(sink):  # as a daemon would: retry what is transient
+    def deliver_all(sink):  # as a daemon would: retry what is transient
         ready.wait()
         for run in runs:
             while True:
                 try:
-                    sink.apply(everything(journal, run))
+                    deliver(sink, journal, run)
                     break
                 except TransientSinkError as error:
                     races.append(error)
 
-    in_threads(deliver, sinks)
-    rows = query(url, sa.select(sql.runrelay_run.c.uid, sql.runrelay_run.c.run_id))
+    in_threads(deliver_all, sinks)
+    rows = query(url, sa.select(tables.runrelay_run.c.uid, tables.runrelay_run.c.run_id))
     assert sorted(uid for uid, _ in rows) == sorted(runs)
-    assert len({run_id for _, run_id in rows}) == len(runs) == len(query(url, sa.select(sql.run)))
-    assert len(query(url, sa.select(sql.metric))) == 4 * len(runs)
+    assert len({run_id for _, run_id in rows}) == len(runs) == len(query(url, sa.select(tables.run)))
+    assert len(query(url, sa.select(tables.metric))) == 4 * len(runs)
 
 
 def test_custom_statuses_and_the_watchdogs_verdict(sink, url, journal, files):
@@ -342,70 +185,52 @@ def test_custom_statuses_and_the_watchdogs_verdict(sink, url, journal, files):
     preempted = write_run(journal, lifecycle(files, interrupted))
     died = {"status": "DIED", "reason": "process 4242 is gone", "last_heartbeat": at(5), "detected_time": at(60)}
     dead = write_run(journal, [*lifecycle(files)[:-1], (Kind.DIED, died), beat(70, "back\n")])
-    sink.apply(everything(journal, preempted))
-    for batch in batches(journal, dead, 10):
-        sink.apply(batch)
-        if batch.last_seq == 9:
-            row = run_row(url, dead)
-            assert (row.status, row.stop_time, row.death_reason) == ("DIED", at(5), "process 4242 is gone")
+    deliver(sink, journal, preempted)
+    delivery = Delivery(journal, dead)
+    delivery.apply(sink, through=9)
+    row = run_row(url, dead)
+    assert (row.status, row.stop_time, row.death_reason) == ("DIED", at(5), "process 4242 is gone")
+    delivery.apply(sink)
     assert (run_row(url, preempted).status, run_row(url, preempted).stop_time) == ("PREEMPTED", at(9))
     revived = run_row(url, dead)  # a later event withdraws the verdict
     assert (revived.status, revived.stop_time, revived.death_reason) == ("RUNNING", None, None)
     assert revived.heartbeat == at(70)
 
 
-def test_a_value_that_can_never_be_stored_names_its_event(sink, url, journal, files):
-    run = write_run(journal, [*lifecycle(files)[:3], point("loss", 1, "not a number", 2), *lifecycle(files)[4:]])
-    batch = everything(journal, run)
-    with pytest.raises(PermanentSinkError, match="not a number") as caught:
-        sink.apply(batch)
-    assert caught.value.seq == 3
-    assert sink.applied(run) == -1 and query(url, sa.select(sql.run)) == []  # rolled back: no half run
-    sink.apply(without(batch, 3))
-    assert sink.applied(run) == 9
-    assert [name for name, _, _ in metric_values(url, "0")] == ["loss", "loss", "accuracy"]
-
-
 @pytest.mark.parametrize("url", ["postgres", "mariadb"], indirect=True)
-def test_a_value_too_long_for_its_column_names_its_event(sink, url, journal, files):
+def test_a_value_too_long_for_its_column_is_a_dead_letter(sink, url, journal, files):
     model = files / "model.bin"
-    long_name = {"name": "m" * 300, "filename": str(model), "file": model, "metadata": {}, "content_type": None}
-    run = write_run(journal, [*lifecycle(files)[:7], (Kind.ARTIFACT, long_name), *lifecycle(files)[8:]])
-    with pytest.raises(PermanentSinkError) as caught:
-        sink.apply(everything(journal, run))
-    assert caught.value.seq == 7 and "too long" in str(caught.value).lower()
-    sink.apply(without(everything(journal, run), 7))
+    long_name = (Kind.ARTIFACT, {"name": "m" * 300, "filename": str(model), "file": model, "metadata": {},
+                                 "content_type": None})
+    run = write_run(journal, [*lifecycle(files)[:7], long_name, *lifecycle(files)[8:]])
+    delivery = deliver(sink, journal, run)
+    assert list(delivery.letters) == [7] and "too long" in delivery.letters[7].lower()
     assert run_row(url, run).status == "COMPLETED"
 
 
-def test_a_metric_name_too_long_for_its_column_names_its_event(sink, url, journal, files):
+def test_a_metric_name_too_long_for_its_column_is_a_dead_letter(sink, url, journal, files):
     """Metric points go through the driver directly (COPY on PostgreSQL): its errors are classified too."""
     run = write_run(journal, [started(files), point("loss", 0, 0.5, 1), point("n" * 300, 1, 0.5, 2),
                               point("loss", 2, 0.25, 3)])
+    delivery = deliver(sink, journal, run)
     if url.startswith("sqlite"):  # SQLite does not enforce VARCHAR lengths
-        sink.apply(everything(journal, run))
+        assert delivery.letters == {}
         return
-    with pytest.raises(PermanentSinkError) as caught:
-        sink.apply(everything(journal, run))
-    assert caught.value.seq == 2
-    sink.apply(without(everything(journal, run), 2))
+    assert list(delivery.letters) == [2]
     assert sorted(step for _, step, *_ in metric_values(url, run_row(url, run).run_id)) == [0, 2]
 
 
-def test_an_artifact_too_large_for_the_database_is_permanent(url, journal, files, monkeypatch):
+def test_an_artifact_too_large_for_the_database_is_a_dead_letter(url, journal, files, monkeypatch):
     monkeypatch.setattr(sql, "DEFAULT_MAX_VALUE_BYTES", 64 * 1024)
     big = files / "big.bin"
     big.write_bytes(b"x" * (64 * 1024 + 1))
     artifact = {"name": "big.bin", "filename": str(big), "file": big, "metadata": {}, "content_type": None}
     output = "y" * (64 * 1024)
     run = write_run(journal, [started(files), beat(1, output), (Kind.ARTIFACT, artifact), beat(2, "done\n")])
-    sink = sql.SqlSink(url, journal.blob)
-    sink.open()
+    sink = open_sink(url, journal)
     try:
-        with pytest.raises(PermanentSinkError, match="artifact 'big.bin' is 65537 bytes") as caught:
-            sink.apply(everything(journal, run))
-        assert caught.value.seq == 2
-        sink.apply(without(everything(journal, run), 2))
+        delivery = deliver(sink, journal, run)
+        assert list(delivery.letters) == [2] and "artifact 'big.bin' is 65537 bytes" in delivery.letters[2]
         stored = run_row(url, run).captured_out  # too long: cut from the front, with a marker
         assert stored.startswith("[runrelay: the first 32773 bytes") and stored.endswith("y" * 100 + "done\n")
     finally:
@@ -419,61 +244,12 @@ def test_mariadb_artifacts_are_checked_against_max_allowed_packet(sink, url, jou
     big.write_bytes(b"\0" * ((packet - sql.MYSQL_PACKET_MARGIN) // 2 + 1))  # NUL doubles when escaped
     artifact = {"name": "big.bin", "filename": str(big), "file": big, "metadata": {}, "content_type": None}
     run = write_run(journal, [started(files), (Kind.ARTIFACT, artifact)])
-    with pytest.raises(PermanentSinkError, match="max_allowed_packet") as caught:
-        sink.apply(everything(journal, run))
-    assert caught.value.seq == 1
-
-
-def test_a_redelivered_event_is_written_once_and_leaves_the_cursor(url, journal, files, monkeypatch):
-    monkeypatch.setattr(sql, "DEFAULT_MAX_VALUE_BYTES", 1000)
-    run = write_run(journal, lifecycle(files))
-    batch = everything(journal, run)
-    sink = sql.SqlSink(url, journal.blob)
-    sink.open()
-    with pytest.raises(PermanentSinkError) as caught:
-        sink.apply(batch)
-    assert caught.value.seq == 7  # the 1 KB model is too large for now
-    sink.apply(without(batch, 7))
-    sink.close()
-
-    monkeypatch.setattr(sql, "DEFAULT_MAX_VALUE_BYTES", 10_000)  # the operator fixed it
-    sink = sql.SqlSink(url, journal.blob)
-    sink.open()
-    try:
-        dead_letter = Batch(run, [batch.events[7]], batch.state, redelivery=True)
-        sink.apply(dead_letter)
-        sink.apply(dead_letter)
-        assert [row.filename for row in query(url, sa.select(sql.artifact))] == ["model.bin"]
-        assert sink.applied(run) == 9
-    finally:
-        sink.close()
-
-
-@pytest.mark.parametrize("server", ["postgres", "mariadb"])
-def test_a_server_that_is_down_is_a_transient_error(server, request, journal, files):
-    url = request.getfixturevalue(f"{server}_url")
-    process = request.getfixturevalue(f"{server}_server")
-    run = write_run(journal, lifecycle(files))
-    first, rest = batches(journal, run, 5)
-    sink = sql.SqlSink(url, journal.blob)
-    sink.open()
-    try:
-        sink.apply(first)
-        process.kill()
-        try:
-            for attempt in (lambda: sink.apply(rest), sink.check, lambda: sink.applied(run)):
-                with pytest.raises(TransientSinkError):
-                    attempt()
-        finally:
-            process.start()
-        sink.apply(rest)  # the same sink recovers once the server is back
-        assert sink.applied(run) == 9
-    finally:
-        sink.close()
+    delivery = deliver(sink, journal, run)
+    assert list(delivery.letters) == [1] and "max_allowed_packet" in delivery.letters[1]
 
 
 def test_two_sinks_opening_at_once_both_succeed(url, journal):
-    sinks = [sql.SqlSink(url, journal.blob) for _ in range(4)]
+    sinks = [SqlSink("test", url, {}, journal) for _ in range(4)]
     ready = threading.Barrier(len(sinks))
     errors = []
 
@@ -486,25 +262,19 @@ def test_two_sinks_opening_at_once_both_succeed(url, journal):
 
     in_threads(open_one, sinks)
     assert errors == []
-    assert set(dump(url)) == {table.name for table in sql.metadata.sorted_tables}
+    engine = sa.create_engine(url)
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == {table.name for table in tables.metadata.sorted_tables}
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("url", ["sqlite"], indirect=True)
-def test_sqlite_is_in_wal_mode(sink, tmp_path):
+def test_sqlite_is_in_wal_mode_and_owner_only(sink, tmp_path):
     with sqlite3.connect(tmp_path / "db" / "runs.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-
-
-
-def test_errors_never_show_the_password(journal):
-    sink = sql.SqlSink("postgresql://runrelay:s3cret@127.0.0.1:1/runs", journal.blob)
-    with pytest.raises(TransientSinkError) as caught:
-        sink.open()
-    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
-    sink.close()
-    with pytest.raises(PermanentSinkError) as caught:
-        sql.SqlSink("postgresql+nosuchdriver://runrelay:s3cret@host/runs", journal.blob).open()
-    assert "s3cret" not in str(caught.value)
+    assert (tmp_path / "db").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "db" / "runs.db").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("url", ["postgres", "mariadb"], indirect=True)
@@ -512,27 +282,42 @@ def test_errors_never_show_the_password(journal):
 def test_an_ending_the_status_column_cannot_hold_leaves_the_rest_of_its_batch(sink, url, journal, files, cut):
     ending = (Kind.INTERRUPTED, {"interrupt_time": at(9), "status": "S" * 100})
     run = write_run(journal, [*lifecycle(files, ending), point("late", 0, 1.0, 10)])
-    *earlier, batch = batches(journal, run, *([cut] if cut else []))
-    for piece in earlier:
-        sink.apply(piece)
-    with pytest.raises(PermanentSinkError) as caught:
-        sink.apply(batch)
-    assert caught.value.seq == 9
-    sink.apply(without(batch, 9))  # the same state, still holding the long status
+    delivery = deliver(sink, journal, run, *([cut] if cut else []))
+    assert list(delivery.letters) == [9], delivery.letters
     row = run_row(url, run)
     assert (row.status, row.heartbeat, row.applied_seq) == ("RUNNING", at(5), 10)
 
 
 @pytest.mark.parametrize("server, schemes", [("postgres", ["postgresql"]), ("mariadb", ["mysql", "mariadb+pymysql"])],
                          ids=["postgres", "mariadb"])
-def test_every_url_form_reaches_its_database(server, schemes, request, journal, files):
+def test_every_url_form_reaches_its_database_as_one_sink(server, schemes, request, journal, files):
     url = request.getfixturevalue(f"{server}_url")
     run = write_run(journal, lifecycle(files))
-    for number, scheme in enumerate(schemes):
-        sink = sink_for(f"{scheme}://{url.split('://', 1)[1]}", journal.blob)
-        sink.open()
+    spellings = [f"{scheme}://{url.split('://', 1)[1]}" for scheme in schemes]
+    assert len({SqlSink.identity(spelling) for spelling in [url, *spellings]}) == 1
+    for number, spelling in enumerate(spellings):
+        sink = open_sink(spelling, journal)
         try:
-            sink.apply(batches(journal, run, 5)[number])
+            Delivery(journal, run).apply(sink, through=4 if number == 0 else None)
         finally:
             sink.close()
     assert run_row(url, run).status == ("COMPLETED" if len(schemes) == 2 else "RUNNING")
+
+
+def test_sqlite_identity_is_the_absolute_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert SqlSink.identity("sqlite:///runs.db") == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert SqlSink.identity("sqlite:///runs.db?timeout=5") == SqlSink.identity(f"sqlite:///{tmp_path}/runs.db")
+
+
+@pytest.mark.parametrize("url, says", [
+    ("sqlite://", "needs a file"),
+    ("sqlite:///:memory:", "needs a file"),
+    ("postgresql://u:s3cret@host", "names no database"),
+    ("postgresql+nosuchdriver://u:s3cret@host/db", "SQL schemes"),
+    ("mysql://u:s3cret@host:notaport/db", "not a database URL"),
+])
+def test_a_url_that_cannot_work_is_refused_without_io(url, says):
+    with pytest.raises(SinkConfigError, match=says) as caught:
+        SqlSink.identity(url)
+    assert "s3cret" not in str(caught.value)

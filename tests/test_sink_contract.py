@@ -1,0 +1,297 @@
+"""The sink contract (sinks/base.py), one suite for every backend.
+
+Each backend joins with a read-back adapter: how to make a fresh sink URL, read a run back
+as plain values, freeze the store, and spell a URL with a password. Batches and dead
+letters come from ``sinkkit``, made exactly as the daemon makes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from runrelay.eventlog import Journal
+from runrelay.sinks.base import PermanentSinkError, SinkError, TransientSinkError, UnusableSinkError
+from runrelay.sinks.registry import sink_for
+from runrelay.sinks.sql_tables import artifact, metric, resource, run, runrelay_run, runs_resources
+from sinkkit import Delivery, artifact as artifact_step, deliver, lifecycle, make_files, open_sink, write_run
+
+TIMEOUT = 2.0  # the sinks' timeout_seconds in these tests
+HANG = 60.0  # a call still blocked after this long is blocked for good
+
+
+class SqlReadBack:
+    """The SQL sink's tables read back as plain values."""
+
+    def __init__(self, url: str, server=None, sqlite_path: Path | None = None):
+        self.url, self.server, self.sqlite_path = url, server, sqlite_path
+
+    def run(self, uid: str) -> dict:
+        engine = sa.create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                run_id = conn.execute(sa.select(runrelay_run.c.run_id).where(runrelay_run.c.uid == uid)).scalar()
+                row = conn.execute(sa.select(run).where(run.c.run_id == run_id)).one()
+                metrics = conn.execute(sa.select(metric.c.name, metric.c.step, metric.c.value, metric.c.nonfinite)
+                                       .where(metric.c.run_id == run_id)).all()
+                artifacts = conn.execute(sa.select(artifact.c.filename, artifact.c.content)
+                                         .where(artifact.c.run_id == run_id)).all()
+                resources = conn.execute(sa.select(resource.c.filename, resource.c.content).join(runs_resources)
+                                         .where(runs_resources.c.run_id == run_id)).all()
+                runs = conn.execute(sa.select(sa.func.count()).select_from(run)).scalar()
+        finally:
+            engine.dispose()
+        return {
+            "status": row.status, "start_time": row.start_time, "heartbeat": row.heartbeat,
+            "stop_time": row.stop_time, "captured_out": row.captured_out, "config": json.loads(row.config),
+            "info": row.info and json.loads(row.info), "result": row.result,
+            "metrics": sorted((name, step, nonfinite or value) for name, step, value, nonfinite in metrics),
+            "artifacts": sorted(map(tuple, artifacts)), "resources": sorted(map(tuple, resources)),
+            "runs in the store": runs,
+        }
+
+    @contextlib.contextmanager
+    def frozen(self):
+        if self.server is not None:
+            with self.server.frozen():
+                yield
+            return
+        with contextlib.closing(sqlite3.connect(self.sqlite_path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")  # SQLite's hang: another process holds the write lock
+            yield
+            holder.execute("ROLLBACK")
+
+    def url_with_password(self, password: str, database: str | None = None, port: int | None = None) -> str | None:
+        if self.server is None:
+            return None  # an SQLite URL holds no credentials
+        url = sa.engine.make_url(self.url).set(password=password)
+        if database:
+            url = url.set(database=database)
+        if port:
+            url = url.set(port=port)
+        return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
+def store(request, tmp_path) -> SqlReadBack:
+    if request.param == "sqlite":
+        path = tmp_path / "db" / "runs.db"
+        return SqlReadBack(f"sqlite:///{path}", sqlite_path=path)
+    url = request.getfixturevalue(f"{request.param}_url")
+    return SqlReadBack(url, server=request.getfixturevalue(f"{request.param}_server"))
+
+
+@pytest.fixture
+def journal(journal_dir) -> Journal:
+    return Journal(journal_dir)
+
+
+@pytest.fixture
+def files(tmp_path) -> Path:
+    return make_files(tmp_path / "experiment")
+
+
+@pytest.fixture
+def sink(store, journal):
+    sink = open_sink(store.url, journal, timeout_seconds=TIMEOUT)
+    yield sink
+    sink.close()
+
+
+def without_time(contents: dict) -> dict:
+    return {key: value for key, value in contents.items() if key != "runs in the store"}
+
+
+def same(left: dict, right: dict) -> bool:
+    """Equal, NaN equal to NaN."""
+    def plain(value):
+        if isinstance(value, float) and math.isnan(value):
+            return "nan"
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+    return {key: plain(value) for key, value in left.items()} == {key: plain(value) for key, value in right.items()}
+
+
+def missing_blob(journal: Journal, run: str, seq: int) -> tuple[Path, bytes]:
+    """Delete the blob event ``seq`` names (a damaged journal); return its path and bytes."""
+    event = next(event for event in journal.events(run) if event.seq == seq)
+    path = journal.blob(run, event.body["digest"])
+    data = path.read_bytes()
+    path.unlink()
+    return path, data
+
+
+# --- the contract -------------------------------------------------------------------------------
+
+
+def test_applying_twice_is_applying_once(sink, store, journal, files):
+    run = write_run(journal, lifecycle(files))
+    deliver(sink, journal, run, 4)
+    once = store.run(run)
+    deliver(sink, journal, run, 4)  # the daemon lost its cursor: everything again
+    deliver(sink, journal, run, 2, 7)
+    assert same(store.run(run), once)
+    assert once["status"] == "COMPLETED" and once["runs in the store"] == 1
+    assert len(once["metrics"]) == 4 and [name for name, _ in once["artifacts"]] == ["model.bin"]
+
+
+def test_a_prefix_then_everything_is_everything_once(sink, store, journal, files):
+    whole = write_run(journal, lifecycle(files))
+    deliver(sink, journal, whole)
+    expected = without_time(store.run(whole))
+    for cut in (1, 3, 6, 8, 9):
+        run = write_run(journal, lifecycle(files))
+        Delivery(journal, run).apply(sink, through=cut - 1)  # then the daemon crashed
+        deliver(sink, journal, run)
+        assert same(without_time(store.run(run)), expected), f"cut before seq {cut}"
+
+
+def test_a_permanent_error_names_its_event_and_the_rest_is_applied(sink, store, journal, files):
+    run = write_run(journal, lifecycle(files))
+    missing_blob(journal, run, 7)
+    with pytest.raises(PermanentSinkError) as caught:
+        sink.apply(Delivery(journal, run).batch())
+    assert caught.value.seq == 7
+    assert sink.applied(run) == -1  # nothing of a refused batch stays
+
+    delivery = deliver(sink, journal, run)
+    assert list(delivery.letters) == [7]
+    contents = store.run(run)
+    assert contents["status"] == "COMPLETED" and contents["artifacts"] == [] and len(contents["metrics"]) == 4
+    assert sink.applied(run) == 9
+
+
+def test_a_redelivered_letter_is_written_once_and_leaves_applied(sink, store, journal, files):
+    run = write_run(journal, lifecycle(files))
+    path, data = missing_blob(journal, run, 7)
+    delivery = deliver(sink, journal, run)
+    path.write_bytes(data)  # the operator restored it
+    delivery.redeliver(sink, 7)
+    delivery.redeliver(sink, 7)  # dlq retry ran twice
+    contents = store.run(run)
+    assert contents["artifacts"] == [("model.bin", bytes(range(256)) * 4)]
+    assert contents["status"] == "COMPLETED" and sink.applied(run) == 9
+
+
+def test_applied_survives_a_kill_between_commit_and_cursor(store, journal, files):
+    run = write_run(journal, lifecycle(files))
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from sinkkit import Delivery, open_sink\n"
+        "from runrelay.eventlog import Journal\n"
+        f"journal = Journal({str(journal.root)!r})\n"
+        f"Delivery(journal, {run!r}).apply(open_sink({store.url!r}, journal), through=4)\n"
+        "print('committed', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "committed\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    sink = open_sink(store.url, journal)
+    try:
+        assert sink.applied(run) == 4  # the daemon resumes from here, its cursor unsaved
+        deliver(sink, journal, run)
+        reference = write_run(journal, lifecycle(files))
+        deliver(sink, journal, reference)
+    finally:
+        sink.close()
+    assert same(without_time(store.run(run)), without_time(store.run(reference)))
+
+
+def test_a_frozen_store_is_a_transient_error_within_the_timeout(sink, store, journal, files):
+    run = write_run(journal, lifecycle(files))
+    Delivery(journal, run).apply(sink, through=4)
+    outcome: list[BaseException | None] = []
+
+    def attempt():
+        try:
+            deliver(sink, journal, run)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            outcome.append(error)
+
+    with store.frozen():
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(HANG)
+        blocked = worker.is_alive()
+    if blocked:
+        worker.join(HANG)
+    assert not blocked, f"apply still blocked {HANG} s into a freeze (timeout_seconds={TIMEOUT})"
+    assert isinstance(outcome[0], TransientSinkError), outcome
+    deliver(sink, journal, run)  # the same sink works once the store thaws
+    assert store.run(run)["status"] == "COMPLETED" and sink.applied(run) == 9
+
+
+def test_a_store_that_is_down_is_a_transient_error(sink, store, journal, files):
+    if store.server is None:
+        pytest.skip("an SQLite file has no server to go down")
+    run = write_run(journal, lifecycle(files))
+    Delivery(journal, run).apply(sink, through=4)
+    store.server.kill()
+    try:
+        for call in (lambda: deliver(sink, journal, run), lambda: sink.applied(run)):
+            with pytest.raises(TransientSinkError):
+                call()
+    finally:
+        store.server.start()
+    deliver(sink, journal, run)
+    assert store.run(run)["status"] == "COMPLETED"
+
+
+def test_no_error_shows_the_password(store, journal):
+    if store.server is None:
+        pytest.skip("an SQLite URL holds no password")
+    closed_port = store.url_with_password("s3cr3t-pw", port=1)
+    unknown = store.url_with_password("s3cr3t-pw", database="no_such_database")
+    for url, expected in ((closed_port, TransientSinkError), (unknown, (UnusableSinkError, TransientSinkError))):
+        sink = sink_for("test", url, {"timeout_seconds": TIMEOUT}, journal)
+        with pytest.raises(expected) as caught:
+            sink.open()
+        sink.close()
+        assert "s3cr3t-pw" not in str(caught.value) and "s3cr3t-pw" not in repr(sink)
+
+
+def test_a_bug_in_the_sink_is_raised_as_itself(store, journal, files):
+    """A programming error (here an AttributeError from the source the sink reads blobs
+    through) is not a SinkError: the daemon stops the worker instead of dead-lettering."""
+
+    class BrokenSource:
+        def open_blob(self, run, digest):
+            raise AttributeError("'NoneType' object has no attribute 'read'")
+
+        def points(self, run, through_seq):
+            return journal.points(run, through_seq)
+
+    run = write_run(journal, [*lifecycle(files)[:7], artifact_step(files / "model.bin")])
+    sink = open_sink(store.url, BrokenSource())
+    delivery = Delivery(journal, run)
+    try:
+        with pytest.raises(AttributeError) as caught:
+            delivery.apply(sink)
+    finally:
+        sink.close()
+    assert not isinstance(caught.value, SinkError) and delivery.letters == {}
+
+
+def test_a_started_event_alone_makes_a_readable_run(sink, store, journal, files):
+    run = write_run(journal, lifecycle(files)[:1])
+    deliver(sink, journal, run)
+    contents = store.run(run)
+    assert contents["status"] == "RUNNING" and contents["config"]["lr"] == 0.1
+    assert contents["metrics"] == [] and contents["artifacts"] == []
