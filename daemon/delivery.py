@@ -200,7 +200,7 @@ class SinkWorker:
                     self._deliver(stop)
                     return
                 except UnusableSinkError as error:
-                    self.health.unusable(error, self.policy.unusable_seconds)
+                    self.health.unusable(error, None if self.one_shot else self.policy.unusable_seconds)
                     self.outcome.unusable = str(error)
                     self.sink.close()
                     if self.one_shot:

@@ -50,9 +50,10 @@ class SinkHealth:
         self._health = Health(self._health.retries + 1, self._health.failing_since or time.time(), str(error))
         self._save(RETRYING)
 
-    def unusable(self, error: BaseException, recheck_seconds: float) -> None:
-        """The sink cannot work as configured: said once, until it works or says something else."""
-        if str(error) != self._unusable:
+    def unusable(self, error: BaseException, recheck_seconds: float | None) -> None:
+        """The sink cannot work as configured: said once, until it works or says something
+        else. A one-shot command (``recheck_seconds`` None) says it in its summary instead."""
+        if str(error) != self._unusable and recheck_seconds is not None:
             log.error("sink %s cannot deliver: %s (checking again every %.0f s)", self.sink, error, recheck_seconds)
             self._unusable = str(error)
         self._health = Health(self._health.retries, self._health.failing_since or time.time(), str(error))

@@ -91,7 +91,9 @@ def create_engine(url: sa.engine.URL, timeout_seconds: float) -> tuple[sa.Engine
         _create_private_file(Path(url.database))
     elif backend in MYSQL_DIALECTS:
         options.update(init_command=MYSQL_STRICT_MODE, read_timeout=timeout_seconds, write_timeout=timeout_seconds)
-    engine = sa.create_engine(url, connect_args=options, pool_pre_ping=True)
+    # No pre-ping: its reconnect would wait a second timeout inside the first. A connection
+    # the server dropped fails once (transient; the pool is then invalidated) and is retried.
+    engine = sa.create_engine(url, connect_args=options)
     deadline = None
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_connected)

@@ -16,6 +16,7 @@ import pytest
 
 from runrelay.daemon.state import StateStore
 from runrelay.eventlog.events import Kind
+from runrelay.eventlog.reader import Journal
 from runrelay.eventlog.writer import JournalWriter
 from runrelay.sinks.sql import SqlSink
 
@@ -242,6 +243,59 @@ def test_a_sink_that_cannot_be_used_stops_only_itself_said_once(tmp_path):
     assert code == 0, stderr
     assert stderr.count("cannot deliver") == 1, stderr  # said once, re-checked quietly
     assert "Traceback" not in stderr
+
+
+def test_sync_says_why_a_sink_can_never_work_and_delivers_the_others(tmp_path, postgres_url):
+    journal, state, database = tmp_path / "journal", tmp_path / "state", tmp_path / "runs.sqlite"
+    unknown = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    with JournalWriter.create(journal) as writer:
+        writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+        write_points(writer, 0, 20)
+        writer.append(Kind.COMPLETED, {"result": 1})
+    began = time.monotonic()
+    result = runrelay("sync", "--no-progress", "--journal", str(journal), "--state", str(state),
+                      "--sink", unknown, "--sink", f"sqlite:///{database}", home=tmp_path)
+    took = time.monotonic() - began
+    assert result.returncode == 1, result.stderr
+    assert points(database) == 20
+    assert result.stderr.count('database "no_such_database" does not exist') == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    print(f"\nsync with an unknown PostgreSQL database beside SQLite: exit 1 after {took:.2f} s")
+
+
+def test_dlq_retry_while_the_daemon_runs_redrives_through_it(tmp_path):
+    journal, state, database = tmp_path / "journal", tmp_path / "state", tmp_path / "runs.sqlite"
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    daemon = Daemon(journal, state, f"sqlite:///{database}")
+    try:
+        with JournalWriter.create(journal) as writer:
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            stored = writer.store_file(model)
+            blob = Journal(journal).blob(writer.run, stored["digest"])
+            saved = blob.read_bytes()
+            blob.unlink()  # damaged: the artifact is dead-lettered
+            writer.append(Kind.ARTIFACT, {"name": "model.bin", "filename": str(model), **stored})
+            write_points(writer, 0, 20)
+            writer.append(Kind.COMPLETED, {"result": 1})
+        wait_for(lambda: points(database) == 20, "the run's points")
+        listed = wait_for(lambda: json.loads(runrelay("dlq", "list", "--json", "--journal", str(journal),
+                                                      "--state", str(state), home=tmp_path).stdout), "the letter")
+        assert [letter["seq"] for letter in listed] == [1]
+
+        blob.write_bytes(saved)  # restored
+        retried = runrelay("dlq", "retry", "--all", "--journal", str(journal), "--state", str(state), home=tmp_path)
+        assert retried.returncode == 0, retried.stderr
+        assert retried.stdout == "re-delivered 1 dead letter(s)\n"
+        with sqlite3.connect(database) as db:
+            assert db.execute("SELECT filename, content FROM artifact").fetchall() == [("model.bin", b"weights")]
+            assert db.execute("SELECT status FROM run").fetchall() == [("COMPLETED",)]  # nothing rolled back
+            assert db.execute("SELECT applied_seq FROM runrelay_run").fetchall() == [(22,)]
+        assert points(database) == 20
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+    assert "took dead letter 1" in stderr, stderr  # the daemon re-drove it, not the command
 
 
 COMMANDS = [

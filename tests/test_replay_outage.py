@@ -180,3 +180,68 @@ def test_postgres_outage_mid_stream_daemon_waits_and_resumes_while_sqlite_keeps_
     print(f"\nPostgreSQL down {outage:.1f} s from row {KILL_AFTER_ROWS}+ of a {backlog}-point backlog "
           f"(first error: {first_error}): {retries} retries, {len(failing) + len(recovered)} log lines about it; "
           f"SQLite took {sqlite_during_outage} metric rows meanwhile; both identical to the journal: {counts}")
+
+
+FREEZE_SECONDS = 60.0
+FROZEN_TIMEOUT_SECONDS = 5  # the PostgreSQL sink's timeout_seconds in this test
+
+
+def test_a_frozen_postgres_holds_up_only_itself(postgres_server, postgres_url, tmp_path):
+    """PostgreSQL SIGSTOPped (postmaster and backends) for a minute mid-stream: the kernel
+    still accepts its connections, so only the sink's timeout can tell. SQLite keeps
+    flowing, the PostgreSQL worker reports a transient error, and after SIGCONT both hold
+    exactly the journal's events."""
+    rng = random.Random(SEED)
+    journal, state, files, log = tmp_path / "journal", tmp_path / "state", tmp_path / "files", tmp_path / "daemon.log"
+    sqlite_url = f"sqlite:///{tmp_path / 'sink' / 'runs.sqlite'}"
+    (tmp_path / "runrelay.toml").write_text(
+        f'[sinks.pg]\nurl = "{postgres_url}"\ntimeout_seconds = {FROZEN_TIMEOUT_SECONDS}\n\n'
+        f'[sinks.local]\nurl = "{sqlite_url}"\n')
+    write_journal(journal, files, rng, RUNS // 2, POINTS_PER_RUN, left_running=1)
+
+    stderr = open(log, "w")
+    daemon = subprocess.Popen(delivery_args("daemon", journal, state), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=stderr, env=runrelay_env(tmp_path, **RETRY))
+    try:
+        wait_for(lambda: metric_rows(postgres_url) >= KILL_AFTER_ROWS, "PostgreSQL rows", daemon, log)
+        with postgres_server.frozen():
+            frozen_at = time.monotonic()
+            during = Experiment(journal, files, rng.randrange(2**32))
+            during.start()
+            for _ in range(5):
+                during.work(200)
+            during.end("completed")
+            during_end = {during.run: during.writer.next_seq - 1}
+            wait_for(lambda: holds(sqlite_url, during_end), "SQLite to take a run written during the freeze",
+                     daemon, log)
+
+            def freeze_shown() -> dict | None:
+                report = status(journal, state, tmp_path)
+                return report if report["pg"]["failing_since"] else None
+
+            report = wait_for(freeze_shown, "status to show the frozen sink", daemon, log)
+            reported_after = time.monotonic() - frozen_at
+            assert reported_after < FREEZE_SECONDS, "the freeze was reported only after it ended"
+            assert report["local"]["failing_since"] is None, report["local"]
+            assert report["pg"]["condition"] == "retrying", report["pg"]
+            time.sleep(max(0.0, FREEZE_SECONDS - (time.monotonic() - frozen_at)))
+            assert daemon.poll() is None, tail(log)
+
+        ends = {run: Journal(journal).verify(run).last_seq for run in Journal(journal).runs()}
+        for url in (postgres_url, sqlite_url):
+            wait_for(lambda: holds(url, ends), f"{url.split(':')[0]} to hold everything", daemon, log)
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+        stderr.close()
+    assert daemon.returncode == 0, tail(log)
+    counts = {url.split(":")[0]: assert_sink_matches_journal(url, journal) for url in (postgres_url, sqlite_url)}
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, tail(log)
+    print(f"\nPostgreSQL frozen {FREEZE_SECONDS:.0f} s: shown failing in status {reported_after:.1f} s in "
+          f"(timeout_seconds={FROZEN_TIMEOUT_SECONDS}); both identical to the journal: {counts}")
