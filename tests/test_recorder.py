@@ -23,6 +23,18 @@ def journaled(journal_dir, run: Recorder):
     return events, fold(events)
 
 
+def metric_series(journal_dir, run: Recorder) -> dict:
+    """The run's metric points by name, as Sacred's metrics.json groups them."""
+    journal, series = Journal(journal_dir), {}
+    for points in journal.points(run.uid, through_seq=journal.verify(run.uid).last_seq):
+        for name, step, value, timestamp in zip(points.names, points.steps, points.values, points.timestamps):
+            metric = series.setdefault(name, {"steps": [], "values": [], "timestamps": []})
+            metric["steps"].append(step)
+            metric["values"].append(value)
+            metric["timestamps"].append(timestamp)
+    return series
+
+
 def heartbeat_threads(run: Recorder) -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == f"runrelay-heartbeat-{run.uid[:8]}"]
 
@@ -106,7 +118,7 @@ def test_explicit_endings_are_final(journal_dir):
 
     other = Recorder.start(journal_dir=journal_dir / "other")
     other.fail(["line 1\n", "Boom\n"])
-    assert journaled(journal_dir / "other", other)[1].fail_trace == ["line 1\n", "Boom\n"]
+    assert journaled(journal_dir / "other", other)[1].fail_trace == ("line 1\n", "Boom\n")
 
 
 def test_metric_steps_count_per_name_unless_given(journal_dir):
@@ -119,7 +131,7 @@ def test_metric_steps_count_per_name_unless_given(journal_dir):
         # journaled at once, not at the next heartbeat
         assert sum(event.kind is Kind.METRICS for event in Journal(journal_dir).events(run.uid)) == 5
 
-    loss = journaled(journal_dir, run)[1].metrics["loss"]
+    loss = metric_series(journal_dir, run)["loss"]
     assert loss["steps"] == [0, 1, 10, 11]
     assert loss["values"][0] == 1.0 and math.isnan(loss["values"][1]) and loss["values"][3] == float("-inf")
     assert type(loss["values"][2]) is int
