@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sacred import Experiment
+from sacred.observers import FileStorageObserver, RunObserver
 from sacred.serializer import flatten
 
 from runrelay.eventlog import Journal, Kind
@@ -99,13 +100,13 @@ ENDINGS = {  # mode: (status, last event)
 def test_a_run_journals_everything_file_storage_stores(tmp_path, mode):
     journal, storage = run_seed_experiment(tmp_path, "with", f"mode={mode}")
     run, events, state = only_run(journal)
-    run_dir = storage / run  # the journal observer ran first and gave the run its _id
+    run_dir = storage / "1"  # FileStorage numbered the run as it would without the journal
     stored = load(run_dir / "run.json")
 
     status, last = ENDINGS[mode]
     assert state.status == stored["status"] == status
     assert [events[0].kind, events[-1].kind] == [Kind.STARTED, last]
-    assert "sacred_id" not in events[0].body
+    assert events[0].body["sacred_id"] == state.sacred_id == "1"
     assert state.command == stored["command"] == "main"
     assert same(as_stored(state.config), load(run_dir / "config.json"))
     assert state.config["optimizer"] == {"lr": 0.2, "schedule": {"decay": 0.5, "every": 8}}
@@ -174,19 +175,20 @@ def test_a_run_journals_everything_file_storage_stores(tmp_path, mode):
 def test_a_queued_run_journals_what_file_storage_stores(tmp_path):
     journal, storage = run_seed_experiment(tmp_path, "-q", "with", "epochs=3")
     run, events, state = only_run(journal)
-    stored = load(storage / run / "run.json")
+    stored = load(storage / "1" / "run.json")
 
     assert [event.kind for event in events] == [Kind.QUEUED]
+    assert state.sacred_id == "1"
     assert state.status == stored["status"] == "QUEUED"
     assert same(state.experiment, stored["experiment"])  # queued: FileStorage keeps Sacred's sources
     assert same(as_stored(state.host), stored["host"])
     assert same(as_stored(state.meta), stored["meta"])
     assert state.meta["queue_time"] == state.queue_time and type(state.queue_time) is dt.datetime
     assert state.meta["options"]["--queue"] is True
-    assert same(as_stored(state.config), load(storage / run / "config.json"))
+    assert same(as_stored(state.config), load(storage / "1" / "config.json"))
     assert state.config["epochs"] == 3
     for source in state.sources:
-        assert blob(journal, run, source) == (storage / run / source["name"]).read_bytes()
+        assert blob(journal, run, source) == (storage / "1" / source["name"]).read_bytes()
     assert "process" not in events[0].body
 
 
@@ -195,6 +197,73 @@ def test_an_id_given_to_sacred_is_kept_and_recorded(tmp_path):
     run, events, state = only_run(journal)
     assert events[0].body["sacred_id"] == "run-7"
     assert state.status == load(storage / "run-7" / "run.json")["status"] == "COMPLETED"
+
+
+def inline_experiment() -> Experiment:
+    ex = Experiment("inline", save_git_info=False)
+
+    @ex.main
+    def main(_run):
+        for step in range(5):
+            _run.log_scalar("loss", 1.0 / (step + 1))
+        return "done"
+
+    return ex
+
+
+def test_sacred_observers_beside_the_journal_number_runs_as_without_it(tmp_path):
+    ex = inline_experiment()
+    ex.observers += [JournalObserver(tmp_path / "journal"), FileStorageObserver(tmp_path / "storage")]
+    runs = [ex.run(options={"--capture": "no"}) for _ in range(2)]
+
+    assert [sacred_run._id for sacred_run in runs] == ["1", "2"]
+    assert sorted(path.name for path in (tmp_path / "storage").iterdir()) == ["1", "2", "_sources"]
+    journal = Journal(tmp_path / "journal")
+    states = [fold(journal.events(run)) for run in journal.runs()]
+    assert [state.sacred_id for state in states] == ["1", "2"]
+    assert [state.status for state in states] == ["COMPLETED", "COMPLETED"]
+
+
+def test_the_journal_alone_gives_the_run_its_uid(tmp_path):
+    observer = JournalObserver(tmp_path)
+    ex = inline_experiment()
+    ex.observers.append(observer)
+    sacred_run = ex.run(options={"--capture": "no"})
+
+    run, events, state = only_run(Journal(tmp_path))
+    assert sacred_run._id == observer.run_uid == run
+    assert "sacred_id" not in events[0].body and state.sacred_id is None
+
+
+class FailsToStart(RunObserver):
+    priority = 20  # after the journal, like every Sacred observer
+
+    def started_event(self, *args, **kwargs):
+        raise ConnectionError("database unreachable")
+
+    def queued_event(self, *args, **kwargs):
+        raise ConnectionError("database unreachable")
+
+
+def test_an_observer_that_fails_to_start_fails_the_journaled_run(tmp_path):
+    ex = inline_experiment()
+    ex.observers += [JournalObserver(tmp_path / "journal"), FileStorageObserver(tmp_path / "storage"), FailsToStart()]
+    with pytest.raises(ConnectionError):
+        ex.run(options={"--capture": "no"})
+
+    run, events, state = only_run(Journal(tmp_path / "journal"))
+    assert [event.kind for event in events] == [Kind.STARTED, Kind.FAILED]
+    assert state.status == "FAILED" and state.fail_trace[-1] == "ConnectionError: database unreachable\n"
+    assert state.sacred_id == "1"  # FileStorage had numbered the run before the failure
+    assert load(tmp_path / "storage" / "1" / "run.json")["status"] == "FAILED"
+
+
+def test_a_run_sacred_could_not_queue_leaves_no_journal(tmp_path):
+    ex = inline_experiment()
+    ex.observers += [JournalObserver(tmp_path / "journal"), FailsToStart()]
+    with pytest.raises(ConnectionError):
+        ex.run(options={"--queue": True})
+    assert Journal(tmp_path / "journal").runs() == []
 
 
 def test_the_long_journal_flag_attaches_the_observer(tmp_path):
@@ -208,14 +277,7 @@ def test_the_long_journal_flag_attaches_the_observer(tmp_path):
 
 
 def test_two_journal_observers_each_journal_every_metric_once(tmp_path):
-    ex = Experiment("inline", save_git_info=False)
-
-    @ex.main
-    def main(_run):
-        for step in range(5):
-            _run.log_scalar("loss", 1.0 / (step + 1))
-        return "done"
-
+    ex = inline_experiment()
     first, second = JournalObserver(tmp_path / "a"), JournalObserver(tmp_path / "b")
     ex.observers += [first, second]
     sacred_run = ex.run(options={"--capture": "no", "--beat-interval": "0.05"})
