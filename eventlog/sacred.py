@@ -61,7 +61,7 @@ class JournalObserver(RunObserver):
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
         try:
-            body = {"beat_time": beat_time, "info": _flat(info), "result": _flat(result)}
+            body = {"beat_time": beat_time, "info": _flat(info, True), "result": _flat(result, True)}
         except RuntimeError:
             # The experiment changed info while this (heartbeat) thread read it. Skip this
             # beat: raising would make Sacred drop the observer for the rest of the run.
@@ -235,11 +235,20 @@ def _metric_body(name, step, value, timestamp) -> dict:
     return {"name": name, "step": step, "value": value, "timestamp": timestamp}
 
 
-def _flat(value):
+def _flat(value, changing_elsewhere: bool = False):
     """Sacred's ``flatten`` form (what its observers store), except that datetimes stay
     datetimes (the journal keeps their type). ``flatten`` builds new objects, so nothing
-    journaled aliases Sacred's dicts, which it mutates in place."""
-    return _keep_datetimes(value, flatten(value))
+    journaled aliases Sacred's dicts, which it mutates in place.
+
+    A value ``flatten`` fails on is journaled as it is (the writer keeps what it can of it
+    and marks the rest), never failing the run; with ``changing_elsewhere``, except when
+    another thread changed it while it was read (RuntimeError): the caller skips it."""
+    try:
+        return _keep_datetimes(value, flatten(value))
+    except Exception as error:  # noqa: BLE001 - whatever a user's object raises
+        if changing_elsewhere and type(error) is RuntimeError:
+            raise
+        return value
 
 
 def _keep_datetimes(original, flat):

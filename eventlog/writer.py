@@ -10,6 +10,7 @@ Two durability classes (docs/journal-format.md, "Durability"):
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from runrelay.eventlog.reader import Journal
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
 LOCK_FILE = "writer.lock"
+MAX_MARKER_WARNINGS = 100  # distinct warnings per run about values journaled as markers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class JournalWriter:
         self._next_seq = 0
         self._dirty = False
         self._failure: OSError | None = None
+        self._warned: set[str] = set()
         self._closed = threading.Event()
         self._committer = threading.Thread(target=self._group_commit, name=f"runrelay-commit-{run[:8]}", daemon=True)
 
@@ -129,8 +134,15 @@ class JournalWriter:
         return self._next_seq
 
     def append(self, kind: Kind, body: dict[str, Any], time_us: int | None = None) -> int:
-        """Journal one event and return its seq; durable as its kind's class requires."""
-        payload = codec.encode([kind.value, micros_now() if time_us is None else time_us, body])
+        """Journal one event and return its seq; durable as its kind's class requires.
+
+        A value in ``body`` that cannot be journaled never fails the append: it is journaled
+        as a marker, with a warning (``codec.journalable``)."""
+        record = [kind.value, micros_now() if time_us is None else time_us, body]
+        try:
+            payload = codec.encode(record)
+        except codec.EncodeError:
+            payload = self._encode_marked(record)
         with self._mutex:
             self._check_usable()
             seq = self._next_seq
@@ -144,6 +156,14 @@ class JournalWriter:
             else:
                 self._dirty = True
         return seq
+
+    def _encode_marked(self, record: list) -> bytes:
+        body, problems = codec.journalable(record[2])
+        warning = f"run {self.run}: {record[0]} event journaled with markers for " + "; ".join(problems)
+        if warning not in self._warned and len(self._warned) < MAX_MARKER_WARNINGS:
+            self._warned.add(warning)  # once each: a value logged at every step would flood the log
+            log.warning("%s", warning)
+        return codec.encode([record[0], record[1], body])
 
     def store_file(self, path: str | os.PathLike) -> dict:
         """Copy a file into the run's blob store now; returns {digest, md5, size}."""

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog import Journal, Kind, codec
 from runrelay.eventlog.fold import fold
 from runrelay.eventlog.recorder import Recorder
 
@@ -160,3 +160,22 @@ def test_files_are_captured_when_added(journal_dir, tmp_path):
     [resource] = state.resources
     assert resource["filename"] == str(data) and resource["size"] == len("x,y\n1,2\n")
     assert journal.blob(run.uid, resource["digest"]).read_text() == "x,y\n1,2\n"
+
+
+def test_no_value_handed_to_the_recorder_fails_the_run(journal_dir, caplog):
+    config = {"flops": 3 * 10**21, "model": object()}
+    with Recorder.start(config=config, journal_dir=journal_dir) as run:
+        run.log_metric("flops", 2**64)
+        run.info["classes"] = {"cat", "dog"}
+        run.result = -(2**100)
+
+    events, state = journaled(journal_dir, run)
+    assert state.status == "COMPLETED" and events[-1].kind is Kind.COMPLETED
+    assert state.config["flops"] == 3 * 10**21 and state.result == -(2**100)
+    assert state.config["model"][codec.UNJOURNALED] == "object"
+    assert state.info["classes"][codec.UNJOURNALED] == "set"
+    assert metric_series(journal_dir, run)["flops"]["values"] == [2**64]
+    warnings = "\n".join(record.message for record in caplog.records if record.levelname == "WARNING")
+    assert "config.model: cannot journal a value of type object" in warnings
+    assert "info.classes: cannot journal a value of type set" in warnings
+    assert "type int" not in warnings

@@ -19,7 +19,7 @@ from sacred import Experiment
 from sacred.observers import FileStorageObserver, RunObserver
 from sacred.serializer import flatten
 
-from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog import Journal, Kind, codec
 from runrelay.eventlog.fold import RunState, fold
 from runrelay.eventlog.sacred import PRIORITY, JournalObserver
 
@@ -319,3 +319,28 @@ def test_without_sacred_run_metrics_are_journaled_at_heartbeats(tmp_path):
     assert [beat.get("captured_out_append") for beat in beats] == ["ab", "c", None]
     assert beats[0]["info"] == {"t": start} and beats[2]["result"] == {"py/tuple": [1, 2]}
     assert state.captured_out == "filtered" and state.result == 3 and state.status == "COMPLETED"
+
+
+def test_no_value_handed_to_sacred_fails_the_run_through_the_journal(tmp_path, caplog):
+    ex = Experiment("big", save_git_info=False)
+
+    @ex.config
+    def config():
+        flops = 3 * 10**21  # beyond MessagePack's 64 bits
+
+    @ex.main
+    def main(_run, flops):
+        _run.log_scalar("flops", flops * 2**40)
+        _run.info["huge"] = 2**10000  # beyond what the journal keeps
+        return -flops
+
+    observer = JournalObserver(tmp_path)
+    ex.observers.append(observer)
+    ex.run(options={"--capture": "no", "--beat-interval": "0.05"})
+
+    run, events, state = only_run(Journal(tmp_path))
+    assert state.status == "COMPLETED" and events[-1].kind is Kind.COMPLETED
+    assert state.config["flops"] == 3 * 10**21 and state.result == -3 * 10**21
+    assert metric_series(Journal(tmp_path), run)["flops"]["values"] == [3 * 10**21 * 2**40]
+    assert state.info["huge"] == {codec.UNJOURNALED: "int", "repr": state.info["huge"]["repr"]}
+    assert any("info.huge: an int of 10001 bits is too big to journal" in record.message for record in caplog.records)
