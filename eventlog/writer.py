@@ -243,7 +243,7 @@ class JournalWriter:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
             try:
-                os.write(fd, header)
+                write_all(fd, header)
                 os.fsync(fd)
             except OSError:
                 os.close(fd)
