@@ -122,7 +122,7 @@ class Recorder:
                 },
             )
         except BaseException:
-            writer.close()
+            writer.abandon()
             raise
         run = cls(writer, heartbeat_seconds)
         run._beats.start()

@@ -139,7 +139,7 @@ class JournalObserver(RunObserver):
                 body["sacred_id"] = sacred_id
             writer.append(kind, body)
         except BaseException:
-            writer.close()
+            writer.abandon()
             raise
         if kind is Kind.QUEUED:
             writer.close()  # Sacred's queue-only mode emits nothing after queued

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,16 @@ class JournalWriter:
             os.mkdir(run_dir, 0o700)
         except FileExistsError:
             raise WriterBusy(f"run {run} already has a journal in {journal.root}; use resume") from None
-        fsync_dir(journal.root)
-        writer = cls(journal, run, _lock(run_dir), durability, segment_bytes)
-        writer._open_segment(0)
+        writer = None
+        try:
+            fsync_dir(journal.root)
+            writer = cls(journal, run, _lock(run_dir), durability, segment_bytes)
+            writer._open_segment(0)
+        except BaseException:
+            if writer is not None:
+                os.close(writer._lock_fd)
+            _remove_run_dir(run_dir)
+            raise
         writer._committer.start()
         return writer
 
@@ -194,6 +202,15 @@ class JournalWriter:
                     self._fd = -1
                 os.close(self._lock_fd)
 
+    def abandon(self) -> None:
+        """Close after a failed start: a run with no event yet is removed, so that no empty
+        run is left behind; one with events stays (it is a real run)."""
+        try:
+            self.close()
+        finally:
+            if self._next_seq == 0:
+                _remove_run_dir(self.dir)
+
     def __enter__(self) -> "JournalWriter":
         return self
 
@@ -275,6 +292,15 @@ def _lock(run_dir: Path) -> int:
         os.close(fd)
         raise WriterBusy(f"run {run_dir.name} is being written by another live process") from None
     return fd
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds no event; a failure is logged, not raised (the
+    caller is already raising why the run could not start)."""
+    try:
+        shutil.rmtree(run_dir)
+    except OSError as error:
+        log.warning("could not remove the empty run directory %s: %s", run_dir, error)
 
 
 def writer_alive(run_dir: Path) -> bool:

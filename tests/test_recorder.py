@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -179,3 +182,23 @@ def test_no_value_handed_to_the_recorder_fails_the_run(journal_dir, caplog):
     assert "config.model: cannot journal a value of type object" in warnings
     assert "info.classes: cannot journal a value of type set" in warnings
     assert "type int" not in warnings
+
+
+@pytest.mark.parametrize("limit", [10, 200], ids=["segment header", "started event"])
+def test_a_start_that_fails_leaves_no_run_behind(journal_dir, limit):
+    """RLIMIT_FSIZE makes write(2) fail: before the segment header is whole, or in the first event."""
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from runrelay.eventlog import JournalWriteError
+        from runrelay.eventlog.recorder import Recorder
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        try:
+            Recorder.start(journal_dir={str(journal_dir)!r})
+        except JournalWriteError as error:
+            print(error)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "File too large" in out
+    assert os.listdir(journal_dir) == []
