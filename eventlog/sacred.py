@@ -61,11 +61,12 @@ class JournalObserver(RunObserver):
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
         try:
-            body = {"beat_time": beat_time, "info": _flat(info, True), "result": _flat(result, True)}
+            info, result = _flat(info, changing_elsewhere=True), _flat(result, changing_elsewhere=True)
         except RuntimeError:
             # The experiment changed info while this (heartbeat) thread read it. Skip this
             # beat: raising would make Sacred drop the observer for the rest of the run.
             return
+        body = {"beat_time": beat_time, "info": info, "result": result}
         self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, captured_out)})
         self._journaled_out = captured_out
 
@@ -128,7 +129,7 @@ class JournalObserver(RunObserver):
 
     def _journal_first(self, sacred_id) -> None:
         """Open the run's journal and write its first event, with the _id Sacred settled on
-        unless that is this journal's run uid."""
+        (if any) as ``sacred_id``."""
         (kind, body, sources), self._first = self._first, None
         writer = JournalWriter.create(self.journal_dir, durability=self.durability)
         try:
@@ -148,7 +149,7 @@ class JournalObserver(RunObserver):
 
     def _end(self, kind: Kind, body: dict) -> None:
         if self._first is not None:  # an observer after this one failed to start: Sacred ends the run
-            self._journal_first(self._unsettled._id)
+            self._journal_first(getattr(self._unsettled, "_id", None))
         if self._writer is None:
             return  # the run failed before its journal could be opened; nothing to end
         try:

@@ -321,6 +321,11 @@ def test_without_sacred_run_metrics_are_journaled_at_heartbeats(tmp_path):
     assert state.captured_out == "filtered" and state.result == 3 and state.status == "COMPLETED"
 
 
+class Unflattenable:
+    def __getstate__(self):
+        raise ValueError("no state to give")
+
+
 def test_no_value_handed_to_sacred_fails_the_run_through_the_journal(tmp_path, caplog):
     ex = Experiment("big", save_git_info=False)
 
@@ -332,6 +337,7 @@ def test_no_value_handed_to_sacred_fails_the_run_through_the_journal(tmp_path, c
     def main(_run, flops):
         _run.log_scalar("flops", flops * 2**40)
         _run.info["huge"] = 2**10000  # beyond what the journal keeps
+        _run.info["model"] = Unflattenable()  # Sacred's flatten raises
         return -flops
 
     observer = JournalObserver(tmp_path)
@@ -343,4 +349,5 @@ def test_no_value_handed_to_sacred_fails_the_run_through_the_journal(tmp_path, c
     assert state.config["flops"] == 3 * 10**21 and state.result == -3 * 10**21
     assert metric_series(Journal(tmp_path), run)["flops"]["values"] == [3 * 10**21 * 2**40]
     assert state.info["huge"] == {codec.UNJOURNALED: "int", "repr": state.info["huge"]["repr"]}
+    assert state.info["model"][codec.UNJOURNALED] == "Unflattenable"
     assert any("info.huge: an int of 10001 bits is too big to journal" in record.message for record in caplog.records)
