@@ -1,4 +1,4 @@
-"""Payload encoding: MessagePack plus one extension for datetimes.
+"""Payload encoding: MessagePack plus extensions for datetimes and big ints.
 
 MessagePack keeps what JSON loses (NaN and ±inf, int vs float, bytes) and decodes
 data only: no object is ever constructed from journal bytes except the types
@@ -8,6 +8,7 @@ below, so nothing in a journal can run code.
 from __future__ import annotations
 
 import datetime as dt
+import reprlib
 import struct
 import threading
 from typing import Any
@@ -19,6 +20,14 @@ _NAIVE = 0x7FFFFFFF  # offset marker for a naive datetime (Sacred's utcnow())
 _DATETIME_LAYOUT = struct.Struct(">qi")
 _EPOCH = dt.datetime(1970, 1, 1)
 _MICROSECOND = dt.timedelta(microseconds=1)
+_BIG_INT = 2  # extension code: an int outside MessagePack's 64 bits, big-endian two's complement
+# At most 8191 bits: far under Python's 4300-digit limit on int <-> str, which sinks meet in JSON.
+MAX_INT_BYTES = 1024
+
+UNJOURNALED = "runrelay/unjournaled"  # the key of the marker that stands for a value not journaled
+_MAX_DEPTH = 250  # under MessagePack's nesting limit (511) and Python's recursion limit
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = 200
 
 
 class EncodeError(TypeError):
@@ -32,22 +41,29 @@ def _encode_extra(value: Any) -> Any:
             return msgpack.ExtType(_DATETIME, _DATETIME_LAYOUT.pack((value - _EPOCH) // _MICROSECOND, _NAIVE))
         micros = (value.replace(tzinfo=None) - offset - _EPOCH) // _MICROSECOND
         return msgpack.ExtType(_DATETIME, _DATETIME_LAYOUT.pack(micros, int(offset.total_seconds())))
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+    if isinstance(value, int):  # MessagePack calls this only for ints beyond its 64 bits
+        bits = value.bit_length()
+        if bits // 8 + 1 > MAX_INT_BYTES:
+            raise EncodeError(f"an int of {bits} bits is too big to journal (at most {8 * MAX_INT_BYTES - 1})")
+        return msgpack.ExtType(_BIG_INT, value.to_bytes(bits // 8 + 1, "big", signed=True))
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         return value.item()  # numpy scalars become their Python equivalent
     raise EncodeError(
-        f"cannot journal a value of type {type(value).__name__}: use str, int, float, "
-        "bool, None, bytes, datetime, lists and dicts"
+        f"cannot journal a value of type {type(value).__name__}: journal str, int, float, bool, None, "
+        "bytes, datetime, or lists and dicts of them (e.g. str(value) or array.tolist())"
     )
 
 
 def _decode_extra(code: int, data: bytes) -> Any:
+    if code == _BIG_INT and 0 < len(data) <= MAX_INT_BYTES:
+        return int.from_bytes(data, "big", signed=True)
     if code != _DATETIME or len(data) != _DATETIME_LAYOUT.size:
         raise ValueError(f"unknown extension type {code} in journal payload")
-    micros, marker = _DATETIME_LAYOUT.unpack(data)
+    micros, offset_seconds = _DATETIME_LAYOUT.unpack(data)
     naive = _EPOCH + _MICROSECOND * micros
-    if marker == _NAIVE:
+    if offset_seconds == _NAIVE:
         return naive
-    offset = dt.timedelta(seconds=marker)
+    offset = dt.timedelta(seconds=offset_seconds)
     return (naive + offset).replace(tzinfo=dt.timezone(offset))
 
 
@@ -66,4 +82,75 @@ def encode(value: Any) -> bytes:
 
 
 def decode(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_decode_extra, raw=False, strict_map_key=False)
+    try:
+        return msgpack.unpackb(data, ext_hook=_decode_extra, raw=False, strict_map_key=False)
+    except TypeError:  # a tuple key comes back as an (unhashable) list: the rare slow path
+        return msgpack.unpackb(data, ext_hook=_decode_extra, raw=False, strict_map_key=False,
+                               object_pairs_hook=_dict_with_tuple_keys)
+
+
+def _dict_with_tuple_keys(pairs: list) -> dict:
+    return {_frozen(key): value for key, value in pairs}
+
+
+def _frozen(key: Any) -> Any:
+    return tuple(map(_frozen, key)) if isinstance(key, list) else key
+
+
+def marker(value: Any) -> dict:
+    """What stands in the journal for a value that cannot be journaled: its type, and the
+    start of its repr."""
+    return {UNJOURNALED: type(value).__name__, "repr": _text(value)}
+
+
+def _text(value: Any) -> str:
+    try:
+        return _repr.repr(value)
+    except ValueError:  # an int beyond Python's own limit on converting ints to text
+        return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<no repr>"
+
+
+def journalable(value: Any) -> tuple[Any, list[str]]:
+    """``value`` with each part ``encode`` refuses replaced: a str by its text with what
+    UTF-8 cannot hold escaped, a dict key by its repr, anything else by a ``marker``; and
+    where each replacement is, and why (for a warning). Slow: it is for a value that
+    ``encode`` has refused."""
+    problems: list[str] = []
+    return _journalable(value, "", 0, problems), problems
+
+
+def _journalable(value: Any, path: str, depth: int, problems: list[str]) -> Any:
+    if depth > _MAX_DEPTH:
+        problems.append(f"{path}: nested more than {_MAX_DEPTH} deep")
+        return marker(value)
+    if isinstance(value, dict):
+        kept = {}
+        for key, item in value.items():
+            error = _refused(key)
+            if error is not None:
+                problems.append(f"{path or 'value'} key {_text(key)}: {error}")
+                key = _escaped(key) if isinstance(key, str) else _text(key)  # a key stays hashable
+            kept[key] = _journalable(item, f"{path}.{key}" if path else str(key), depth + 1, problems)
+        return kept
+    if isinstance(value, (list, tuple)):
+        return [_journalable(item, f"{path}[{index}]", depth + 1, problems) for index, item in enumerate(value)]
+    error = _refused(value)
+    if error is None:
+        return value
+    problems.append(f"{path or 'value'}: {error}")
+    return _escaped(value) if isinstance(value, str) else marker(value)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (lone surrogates, e.g. from a file name that is
+    not UTF-8) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refused(value: Any) -> str | None:
+    """Why ``encode`` refuses ``value`` (a dict key or anything but a dict or list), or None."""
+    try:
+        encode(value)
+    except EncodeError as error:
+        return str(error)
+    return None

@@ -122,7 +122,7 @@ class Recorder:
                 },
             )
         except BaseException:
-            writer.close()
+            writer.abandon()
             raise
         run = cls(writer, heartbeat_seconds)
         run._beats.start()
@@ -206,7 +206,10 @@ class Recorder:
         self._stop.set()
         self._beats.join()
         try:
-            self._heartbeat()  # the last info, result and output, like Sacred's final beat
+            try:
+                self._heartbeat()  # the last info, result and output, like Sacred's final beat
+            except Exception as error:  # noqa: BLE001 - the ending must still be journaled
+                log.warning("run %s: last heartbeat not journaled: %s", self.uid, error)
             self._writer.append(kind, body)
         finally:
             self._writer.close()

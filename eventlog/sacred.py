@@ -27,8 +27,8 @@ from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.recorder import captured_out_body, process_info
 from runrelay.eventlog.writer import Durability, JournalWriter
 
-# Above every Sacred observer (theirs default to 10-40): the journal is written first,
-# and its run uid becomes the run's _id when no one else has set one.
+# Above every Sacred observer (theirs default to 10-40): the journal copies what Sacred
+# hands the observers before any other observer changes it in place.
 PRIORITY = 10_000
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class JournalObserver(RunObserver):
         self.journal_dir = default_journal_dir() if journal_dir is None else Path(journal_dir)
         self.durability = durability
         self._writer: JournalWriter | None = None
+        self._first: tuple | None = None  # the run's first event while Sacred settles its _id
+        self._unsettled: Run | None = None  # the Run whose _id the first event waits for
         self._journaled_out = ""
         self._metrics_hooked = False
 
@@ -52,22 +54,19 @@ class JournalObserver(RunObserver):
         return self._writer.run if self._writer else None
 
     def queued_event(self, ex_info, command, host_info, queue_time, config, meta_info, _id):
-        run_id = self._begin(Kind.QUEUED, _id, ex_info, command, host_info, config, meta_info, queue_time=queue_time)
-        self._writer.close()  # Sacred's queue-only mode emits nothing after queued
-        return run_id
+        return self._begin(Kind.QUEUED, _id, ex_info, command, host_info, config, meta_info, queue_time=queue_time)
 
     def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
-        run_id = self._begin(Kind.STARTED, _id, ex_info, command, host_info, config, meta_info, start_time=start_time)
-        self._metrics_hooked = _hook_metrics(self._journal_metric)
-        return run_id
+        return self._begin(Kind.STARTED, _id, ex_info, command, host_info, config, meta_info, start_time=start_time)
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
         try:
-            body = {"beat_time": beat_time, "info": _flat(info), "result": _flat(result)}
+            info, result = _flat(info, changing_elsewhere=True), _flat(result, changing_elsewhere=True)
         except RuntimeError:
             # The experiment changed info while this (heartbeat) thread read it. Skip this
             # beat: raising would make Sacred drop the observer for the rest of the run.
             return
+        body = {"beat_time": beat_time, "info": info, "result": result}
         self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, captured_out)})
         self._journaled_out = captured_out
 
@@ -97,37 +96,60 @@ class JournalObserver(RunObserver):
     def failed_event(self, fail_time, fail_trace):
         self._end(Kind.FAILED, {"fail_time": fail_time, "fail_trace": list(fail_trace)})
 
-    def _begin(self, kind, _id, ex_info, command, host_info, config, meta_info, **when) -> str:
-        """Open the run's journal and write its first event; return the run's _id."""
-        self._writer = None
+    def _begin(self, kind, _id, ex_info, command, host_info, config, meta_info, **when):
+        """Take the run's first event; return the run's _id, or None so that the observers
+        after this one assign theirs as they would without runrelay (Sacred keeps the first
+        _id returned and hands it to the observers after)."""
+        self._writer = self._first = self._unsettled = None
+        body = {  # copied now: the observers after this one change what Sacred hands them
+            "ex_info": _flat(ex_info),
+            "command": command,
+            "host_info": _flat(host_info),
+            **when,
+            "config": _flat(config),
+            "meta_info": _flat(meta_info),
+        }
+        self._first = (kind, body, [(name, os.path.join(ex_info["base_dir"], name)) for name, _ in ex_info["sources"]])
+        run = _calling_run(self)
+        self._metrics_hooked = run is not None
+        if run is not None and kind is Kind.STARTED:
+            _hook_metrics(run, self._journal_metric)
+        if run is None or _id is not None:  # called from outside Sacred's Run, or the _id is settled
+            return self._settled(_id)
+        self._unsettled = run
+        run.observers.append(_SettledId(self))
+        return None
+
+    def _settled(self, _id):
+        """Journal the first event now that Sacred's _id is known; without one, this
+        journal's run uid becomes the run's _id."""
+        self._unsettled = None
+        self._journal_first(_id)
+        return self._writer.run if _id is None else _id
+
+    def _journal_first(self, sacred_id) -> None:
+        """Open the run's journal and write its first event, with the _id Sacred settled on
+        (if any) as ``sacred_id``."""
+        (kind, body, sources), self._first = self._first, None
         writer = JournalWriter.create(self.journal_dir, durability=self.durability)
         try:
-            sources = [
-                {"name": name, **writer.store_file(os.path.join(ex_info["base_dir"], name))}
-                for name, _ in ex_info["sources"]
-            ]
-            body = {
-                "ex_info": _flat(ex_info),
-                "command": command,
-                "host_info": _flat(host_info),
-                **when,
-                "config": _flat(config),
-                "meta_info": _flat(meta_info),
-                "sources": sources,
-            }
+            body["sources"] = [{"name": name, **writer.store_file(path)} for name, path in sources]
             if kind is Kind.STARTED:
                 body["process"] = process_info()
-            if _id is not None:
-                body["sacred_id"] = _id  # set by --id or a higher-priority observer
+            if sacred_id is not None:
+                body["sacred_id"] = sacred_id
             writer.append(kind, body)
         except BaseException:
-            writer.close()
+            writer.abandon()
             raise
+        if kind is Kind.QUEUED:
+            writer.close()  # Sacred's queue-only mode emits nothing after queued
         self._writer = writer
         self._journaled_out = ""
-        return writer.run if _id is None else _id
 
     def _end(self, kind: Kind, body: dict) -> None:
+        if self._first is not None:  # an observer after this one failed to start: Sacred ends the run
+            self._journal_first(getattr(self._unsettled, "_id", None))
         if self._writer is None:
             return  # the run failed before its journal could be opened; nothing to end
         try:
@@ -137,6 +159,22 @@ class JournalObserver(RunObserver):
 
     def _journal_metric(self, entry) -> None:
         self._writer.append(Kind.METRICS, _metric_body(entry.name, entry.step, entry.value, entry.timestamp))
+
+
+class _SettledId(RunObserver):
+    """Appended to the Run's observers while Sacred calls them, so it is called after every
+    other observer, with the _id Sacred settled on, and journals the run's first event."""
+
+    priority = -PRIORITY  # last, should the observers ever be sorted again
+
+    def __init__(self, journal: JournalObserver):
+        self.journal = journal
+
+    def queued_event(self, ex_info, command, host_info, queue_time, config, meta_info, _id):
+        return self.journal._settled(_id)
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        return self.journal._settled(_id)
 
 
 @cli_option("-j", "--journal")
@@ -169,24 +207,26 @@ class _JournalingQueue(queue.Queue):
             super().put(item, block, timeout)
 
 
-def _hook_metrics(journal) -> bool:
-    """Make the current Sacred Run journal metrics as they are logged; False if no Run.
-
-    ``started_event`` is called by ``Run._emit_started``, so the Run is ``self`` of a
-    calling frame; its metrics logger has only the queue Sacred drains at heartbeats.
-    """
+def _calling_run(observer: RunObserver) -> Run | None:
+    """The Sacred Run calling ``observer``, if any: ``Run._emit_started`` (or ``_emit_queued``)
+    calls the observers, so the Run is ``self`` of a calling frame."""
     frame = sys._getframe(1)
     while frame is not None:
         run = frame.f_locals.get("self")
-        if isinstance(run, Run):
-            metrics = run._metrics
-            if isinstance(metrics._logged_metrics, _JournalingQueue):
-                metrics._logged_metrics.journals.append(journal)
-            else:
-                metrics._logged_metrics = _JournalingQueue(journal)  # empty: main has not run yet
-            return True
+        if isinstance(run, Run) and any(other is observer for other in run.observers):
+            return run
         frame = frame.f_back
-    return False
+    return None
+
+
+def _hook_metrics(run: Run, journal) -> None:
+    """Make ``run`` journal its metrics as they are logged; its metrics logger has only the
+    queue Sacred drains at heartbeats."""
+    metrics = run._metrics
+    if isinstance(metrics._logged_metrics, _JournalingQueue):
+        metrics._logged_metrics.journals.append(journal)
+    else:
+        metrics._logged_metrics = _JournalingQueue(journal)  # empty: main has not run yet
 
 
 def _metric_body(name, step, value, timestamp) -> dict:
@@ -196,11 +236,20 @@ def _metric_body(name, step, value, timestamp) -> dict:
     return {"name": name, "step": step, "value": value, "timestamp": timestamp}
 
 
-def _flat(value):
+def _flat(value, changing_elsewhere: bool = False):
     """Sacred's ``flatten`` form (what its observers store), except that datetimes stay
     datetimes (the journal keeps their type). ``flatten`` builds new objects, so nothing
-    journaled aliases Sacred's dicts, which it mutates in place."""
-    return _keep_datetimes(value, flatten(value))
+    journaled aliases Sacred's dicts, which it mutates in place.
+
+    A value ``flatten`` fails on is journaled as it is (the writer keeps what it can of it
+    and marks the rest), never failing the run; with ``changing_elsewhere``, except when
+    another thread changed it while it was read (RuntimeError): the caller skips it."""
+    try:
+        return _keep_datetimes(value, flatten(value))
+    except Exception as error:  # noqa: BLE001 - whatever a user's object raises
+        if changing_elsewhere and type(error) is RuntimeError:
+            raise
+        return value
 
 
 def _keep_datetimes(original, flat):

@@ -10,7 +10,9 @@ Two durability classes (docs/journal-format.md, "Durability"):
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,9 @@ from runrelay.eventlog.reader import Journal
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
 LOCK_FILE = "writer.lock"
+MAX_MARKER_WARNINGS = 100  # distinct warnings per run about values journaled as markers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class JournalWriter:
         self._next_seq = 0
         self._dirty = False
         self._failure: OSError | None = None
+        self._warned: set[str] = set()
         self._closed = threading.Event()
         self._committer = threading.Thread(target=self._group_commit, name=f"runrelay-commit-{run[:8]}", daemon=True)
 
@@ -77,9 +83,16 @@ class JournalWriter:
             os.mkdir(run_dir, 0o700)
         except FileExistsError:
             raise WriterBusy(f"run {run} already has a journal in {journal.root}; use resume") from None
-        fsync_dir(journal.root)
-        writer = cls(journal, run, _lock(run_dir), durability, segment_bytes)
-        writer._open_segment(0)
+        writer = None
+        try:
+            fsync_dir(journal.root)
+            writer = cls(journal, run, _lock(run_dir), durability, segment_bytes)
+            writer._open_segment(0)
+        except BaseException:
+            if writer is not None:
+                os.close(writer._lock_fd)
+            _remove_run_dir(run_dir)
+            raise
         writer._committer.start()
         return writer
 
@@ -129,8 +142,15 @@ class JournalWriter:
         return self._next_seq
 
     def append(self, kind: Kind, body: dict[str, Any], time_us: int | None = None) -> int:
-        """Journal one event and return its seq; durable as its kind's class requires."""
-        payload = codec.encode([kind.value, micros_now() if time_us is None else time_us, body])
+        """Journal one event and return its seq; durable as its kind's class requires.
+
+        A value in ``body`` that cannot be journaled never fails the append: it is journaled
+        as a marker, with a warning (``codec.journalable``)."""
+        record = [kind.value, micros_now() if time_us is None else time_us, body]
+        try:
+            payload = codec.encode(record)
+        except codec.EncodeError:
+            payload = self._encode_marked(record)
         with self._mutex:
             self._check_usable()
             seq = self._next_seq
@@ -144,6 +164,14 @@ class JournalWriter:
             else:
                 self._dirty = True
         return seq
+
+    def _encode_marked(self, record: list) -> bytes:
+        body, problems = codec.journalable(record[2])
+        warning = f"run {self.run}: {record[0]} event journaled with markers for " + "; ".join(problems)
+        if warning not in self._warned and len(self._warned) < MAX_MARKER_WARNINGS:
+            self._warned.add(warning)  # once each: a value logged at every step would flood the log
+            log.warning("%s", warning)
+        return codec.encode([record[0], record[1], body])
 
     def store_file(self, path: str | os.PathLike) -> dict:
         """Copy a file into the run's blob store now; returns {digest, md5, size}."""
@@ -173,6 +201,15 @@ class JournalWriter:
                     os.close(self._fd)
                     self._fd = -1
                 os.close(self._lock_fd)
+
+    def abandon(self) -> None:
+        """Close after a failed start: a run with no event yet is removed, so that no empty
+        run is left behind; one with events stays (it is a real run)."""
+        try:
+            self.close()
+        finally:
+            if self._next_seq == 0:
+                _remove_run_dir(self.dir)
 
     def __enter__(self) -> "JournalWriter":
         return self
@@ -223,7 +260,7 @@ class JournalWriter:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
             try:
-                os.write(fd, header)
+                write_all(fd, header)
                 os.fsync(fd)
             except OSError:
                 os.close(fd)
@@ -255,6 +292,15 @@ def _lock(run_dir: Path) -> int:
         os.close(fd)
         raise WriterBusy(f"run {run_dir.name} is being written by another live process") from None
     return fd
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds no event; a failure is logged, not raised (the
+    caller is already raising why the run could not start)."""
+    try:
+        shutil.rmtree(run_dir)
+    except OSError as error:
+        log.warning("could not remove the empty run directory %s: %s", run_dir, error)
 
 
 def writer_alive(run_dir: Path) -> bool:

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from runrelay.eventlog import codec
 from runrelay.eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
 from runrelay.eventlog.events import check_run_uid, new_run_uid
 from runrelay.eventlog.writer import writer_alive
@@ -40,12 +41,30 @@ def test_values_keep_their_types(journal_dir):
     assert event.time.tzinfo == dt.timezone.utc and event.kind is Kind.STARTED and event.seq == 0
 
 
-def test_unjournalable_value_is_a_clear_error_and_nothing_is_written(journal_dir):
+def test_ints_beyond_64_bits_and_tuple_keys_are_journaled_exactly(journal_dir):
+    ints = [2**64, 3 * 10**21, -(2**63) - 1, -(2**1000), 2**8190, 2**64 - 1, -(2**63), 0]
     with JournalWriter.create(journal_dir) as writer:
-        with pytest.raises(TypeError, match="cannot journal a value of type object"):
-            writer.append(Kind.STARTED, {"x": object()})
-        writer.append(Kind.STARTED, {"x": 1})
-    assert [e.seq for e in Journal(journal_dir).events(writer.run)] == [0]
+        writer.append(Kind.STARTED, {"config": {"ints": ints, "grid": {(0, (1, 2)): 0.5}}})
+    (event,) = Journal(journal_dir).events(writer.run)
+    assert event.body["config"]["ints"] == ints and all(type(value) is int for value in event.body["config"]["ints"])
+    assert event.body["config"]["grid"] == {(0, (1, 2)): 0.5}
+    assert codec.encode(2**64 - 1) == b"\xcf" + b"\xff" * 8  # what MessagePack holds stays MessagePack
+
+
+def test_what_cannot_be_journaled_becomes_a_marker_with_one_warning(journal_dir, caplog):
+    body = {"model": object(), "name": "caf\udce9", "classes": {"cat"}, "huge": 2**8191, "ok": [1, 2**70]}
+    with JournalWriter.create(journal_dir) as writer:
+        writer.append(Kind.STARTED, body)
+        writer.append(Kind.STARTED, body)
+    first, second = (event.body for event in Journal(journal_dir).events(writer.run))
+    assert first == second
+    assert first["model"][codec.UNJOURNALED] == "object" and first["model"]["repr"].startswith("<object object")
+    assert first["classes"] == {codec.UNJOURNALED: "set", "repr": "{'cat'}"}
+    assert first["huge"][codec.UNJOURNALED] == "int" and first["name"] == "caf\\udce9"
+    assert first["ok"] == [1, 2**70]
+    [warning] = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert "started event journaled with markers for model: cannot journal a value of type object" in warning.message
+    assert "huge: an int of 8192 bits is too big to journal" in warning.message
 
 
 def test_run_uids_sort_by_creation_and_are_validated():

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from runrelay.eventlog import Journal, Kind
+from runrelay.eventlog import Journal, Kind, codec
 from runrelay.eventlog.fold import fold
 from runrelay.eventlog.recorder import Recorder
 
@@ -21,6 +24,18 @@ def journaled(journal_dir, run: Recorder):
     assert journal.verify(run.uid).ok
     events = list(journal.events(run.uid))
     return events, fold(events)
+
+
+def metric_series(journal_dir, run: Recorder) -> dict:
+    """The run's metric points by name, as Sacred's metrics.json groups them."""
+    journal, series = Journal(journal_dir), {}
+    for points in journal.points(run.uid, through_seq=journal.verify(run.uid).last_seq):
+        for name, step, value, timestamp in zip(points.names, points.steps, points.values, points.timestamps):
+            metric = series.setdefault(name, {"steps": [], "values": [], "timestamps": []})
+            metric["steps"].append(step)
+            metric["values"].append(value)
+            metric["timestamps"].append(timestamp)
+    return series
 
 
 def heartbeat_threads(run: Recorder) -> list[threading.Thread]:
@@ -106,7 +121,7 @@ def test_explicit_endings_are_final(journal_dir):
 
     other = Recorder.start(journal_dir=journal_dir / "other")
     other.fail(["line 1\n", "Boom\n"])
-    assert journaled(journal_dir / "other", other)[1].fail_trace == ["line 1\n", "Boom\n"]
+    assert journaled(journal_dir / "other", other)[1].fail_trace == ("line 1\n", "Boom\n")
 
 
 def test_metric_steps_count_per_name_unless_given(journal_dir):
@@ -119,7 +134,7 @@ def test_metric_steps_count_per_name_unless_given(journal_dir):
         # journaled at once, not at the next heartbeat
         assert sum(event.kind is Kind.METRICS for event in Journal(journal_dir).events(run.uid)) == 5
 
-    loss = journaled(journal_dir, run)[1].metrics["loss"]
+    loss = metric_series(journal_dir, run)["loss"]
     assert loss["steps"] == [0, 1, 10, 11]
     assert loss["values"][0] == 1.0 and math.isnan(loss["values"][1]) and loss["values"][3] == float("-inf")
     assert type(loss["values"][2]) is int
@@ -148,3 +163,42 @@ def test_files_are_captured_when_added(journal_dir, tmp_path):
     [resource] = state.resources
     assert resource["filename"] == str(data) and resource["size"] == len("x,y\n1,2\n")
     assert journal.blob(run.uid, resource["digest"]).read_text() == "x,y\n1,2\n"
+
+
+def test_no_value_handed_to_the_recorder_fails_the_run(journal_dir, caplog):
+    config = {"flops": 3 * 10**21, "model": object()}
+    with Recorder.start(config=config, journal_dir=journal_dir) as run:
+        run.log_metric("flops", 2**64)
+        run.info["classes"] = {"cat", "dog"}
+        run.result = -(2**100)
+
+    events, state = journaled(journal_dir, run)
+    assert state.status == "COMPLETED" and events[-1].kind is Kind.COMPLETED
+    assert state.config["flops"] == 3 * 10**21 and state.result == -(2**100)
+    assert state.config["model"][codec.UNJOURNALED] == "object"
+    assert state.info["classes"][codec.UNJOURNALED] == "set"
+    assert metric_series(journal_dir, run)["flops"]["values"] == [2**64]
+    warnings = "\n".join(record.message for record in caplog.records if record.levelname == "WARNING")
+    assert "config.model: cannot journal a value of type object" in warnings
+    assert "info.classes: cannot journal a value of type set" in warnings
+    assert "type int" not in warnings
+
+
+@pytest.mark.parametrize("limit", [10, 200], ids=["segment header", "started event"])
+def test_a_start_that_fails_leaves_no_run_behind(journal_dir, limit):
+    """RLIMIT_FSIZE makes write(2) fail: before the segment header is whole, or in the first event."""
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from runrelay.eventlog import JournalWriteError
+        from runrelay.eventlog.recorder import Recorder
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        try:
+            Recorder.start(journal_dir={str(journal_dir)!r})
+        except JournalWriteError as error:
+            print(error)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "File too large" in out
+    assert os.listdir(journal_dir) == []
