@@ -13,7 +13,7 @@ from runrelay.daemon import service
 from runrelay.daemon.config import ConfigError, load
 from runrelay.daemon.demo import run_demo
 from runrelay.daemon.journal_cli import add_journal_commands
-from runrelay.daemon.service import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE, UserError
+from runrelay.daemon.errors import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE, UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from runrelay.daemon.config import Config, SinkConfig
 from runrelay.sinks.registry import backend
-from runrelay.daemon.service import EXIT_UNDELIVERED, EXIT_USAGE, run_sync
+from runrelay.daemon.errors import EXIT_UNDELIVERED, EXIT_USAGE
+from runrelay.daemon.service import run_sync
 
 EXPERIMENT_MODULE = "runrelay.daemon.demo_experiment"
 READY_TIMEOUT_SECONDS = 60.0

@@ -9,15 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE
 from runrelay.eventlog.errors import JournalCorrupt
 from runrelay.eventlog.events import Event
 from runrelay.eventlog.fold import RunState, fold_event
 from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.reader import Journal
-
-EXIT_OK = 0
-EXIT_CORRUPT = 1
-EXIT_USAGE = 2
 
 
 def add_journal_commands(subparsers) -> None:
