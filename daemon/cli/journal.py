@@ -1,4 +1,4 @@
-"""`runrelay journal ls|cat|verify`: look into the journal without any sink."""
+"""``runrelay journal ls|cat|verify``: look into the journal without any sink."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE
+from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, UserError
 from runrelay.eventlog.errors import JournalCorrupt
 from runrelay.eventlog.events import Event
 from runrelay.eventlog.fold import RunState, fold_event
@@ -17,16 +17,16 @@ from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.reader import Journal
 
 
-def add_journal_commands(subparsers) -> None:
-    journal = subparsers.add_parser(
+def add_commands(commands) -> None:
+    journal = commands.add_parser(
         "journal",
         help="list, print and verify journaled runs",
         description="Read the local journal directly (no sink, no daemon needed).",
         epilog="example: runrelay journal ls && runrelay journal verify",
     )
-    commands = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+    actions = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
 
-    ls = commands.add_parser(
+    ls = actions.add_parser(
         "ls",
         help="list runs with their status and event count",
         description="List every run in the journal, oldest first.",
@@ -34,9 +34,9 @@ def add_journal_commands(subparsers) -> None:
     )
     _add_location(ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
-    ls.set_defaults(func=_command(_ls))
+    ls.set_defaults(func=_ls)
 
-    cat = commands.add_parser(
+    cat = actions.add_parser(
         "cat",
         help="print a run's events as JSON lines",
         description=(
@@ -50,9 +50,9 @@ def add_journal_commands(subparsers) -> None:
     cat.add_argument("run", help="run uid, or a unique prefix of one")
     cat.add_argument("--from", dest="from_seq", type=int, default=0, metavar="SEQ", help="first seq to print")
     cat.add_argument("--follow", action="store_true", help="keep printing as the run appends, until it ends")
-    cat.set_defaults(func=_command(_cat))
+    cat.set_defaults(func=_cat)
 
-    verify = commands.add_parser(
+    verify = actions.add_parser(
         "verify",
         help="check every record's checksums",
         description=(
@@ -64,7 +64,7 @@ def add_journal_commands(subparsers) -> None:
     )
     _add_location(verify)
     verify.add_argument("run", nargs="?", help="run uid or unique prefix (default: every run)")
-    verify.set_defaults(func=_command(_verify))
+    verify.set_defaults(func=_verify)
 
 
 def _add_location(parser: argparse.ArgumentParser) -> None:
@@ -85,25 +85,8 @@ def _resolve(journal: Journal, prefix: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise _UsageError(f"no run matching {prefix!r} in {journal.root} (see: runrelay journal ls)")
-    raise _UsageError(f"{prefix!r} matches {len(matches)} runs; give more of the uid")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _command(function):
-    """A usage error (unknown run, ambiguous prefix) is one line and exit 2, not a traceback."""
-
-    def run(args) -> int:
-        try:
-            return function(args)
-        except _UsageError as error:
-            print(f"runrelay: {error}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
+        raise UserError(f"no run matching {prefix!r} in {journal.root} (see: runrelay journal ls)")
+    raise UserError(f"{prefix!r} matches {len(matches)} runs; give more of the uid")
 
 
 def _ls(args) -> int:
@@ -183,4 +166,3 @@ def _verify(args) -> int:
         print(f"{corrupt} of {len(runs)} runs corrupt", file=sys.stderr)
         return EXIT_CORRUPT
     return EXIT_OK
-

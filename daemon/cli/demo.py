@@ -7,18 +7,22 @@ They are delivered by ``run_sync`` (the code path of ``runrelay sync``) into
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+from runrelay.daemon.cli.options import HELP_WIDTH, LOG_FORMAT
 from runrelay.daemon.config import Config, SinkConfig
-from runrelay.sinks.registry import backend
 from runrelay.daemon.errors import EXIT_UNDELIVERED, EXIT_USAGE
 from runrelay.daemon.service import run_sync
+from runrelay.sinks.registry import backend
 
 EXPERIMENT_MODULE = "runrelay.daemon.demo_experiment"
 READY_TIMEOUT_SECONDS = 60.0
@@ -35,6 +39,26 @@ ORDER BY run.id
 
 class DemoFailed(Exception):
     pass
+
+
+def add_commands(commands) -> None:
+    demo = commands.add_parser("demo", help="run three Sacred experiments and replay them into SQLite",
+                               formatter_class=argparse.RawDescriptionHelpFormatter, description=textwrap.fill(
+                                   "Run three small Sacred experiments journaled by runrelay (one completes, "
+                                   "one fails, one is killed with SIGKILL mid-run), replay them into "
+                                   "sqlite:///DIR/runs.sqlite the way `runrelay sync` does, and print the runs. "
+                                   "No server and no network needed.", HELP_WIDTH),
+                               epilog="example:\n  runrelay demo --dir /tmp/runrelay-demo\n\n"
+                                      "exit codes:\n  0  the demo ran\n  1  a step failed (the message says which)"
+                                      "\n  2  --dir is not a new or empty directory")
+    demo.add_argument("--dir", type=Path, default=Path("runrelay-demo"),
+                      help="a new or empty directory for the demo (default: ./runrelay-demo)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    logging.basicConfig(level="WARNING", format=LOG_FORMAT, stream=sys.stderr, force=True)
+    return run_demo(args.dir)
 
 
 def run_demo(directory: Path) -> int:
