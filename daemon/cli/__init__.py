@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from runrelay.daemon.cli import deliver, demo, dlq, journal, status
-from runrelay.daemon.cli.options import EXITS_DELIVER, delivery_options
+from runrelay.daemon.cli.options import EXITS_DELIVER, delivery_options, journal_options
 from runrelay.daemon.config import ConfigError
 from runrelay.daemon.errors import EXIT_USAGE, UserError
 
@@ -43,5 +43,5 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_commands(commands, common)
     dlq.add_commands(commands, common)
     demo.add_commands(commands)
-    journal.add_commands(commands)
+    journal.add_commands(commands, journal_options())
     return parser

@@ -25,13 +25,19 @@ exit codes:
   2  usage or configuration error"""
 
 
-def delivery_options() -> argparse.ArgumentParser:
-    """The options of the commands that deliver or look at what was delivered."""
+def journal_options() -> argparse.ArgumentParser:
+    """Where the journal is: every command takes these, and finds it by the same rule."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML config file (default: $RUNRELAY_CONFIG, else runrelay.toml in $RUNRELAY_HOME "
                              "or ~/.config/runrelay, if present)")
     common.add_argument("--journal", type=Path, metavar="DIR", help="journal directory (env RUNRELAY_JOURNAL)")
+    return common
+
+
+def delivery_options() -> argparse.ArgumentParser:
+    """The options of the commands that deliver or look at what was delivered."""
+    common = argparse.ArgumentParser(add_help=False, parents=[journal_options()])
     common.add_argument("--state", type=Path, metavar="DIR", help="state directory (env RUNRELAY_STATE)")
     common.add_argument("--sink", dest="sinks", action="append", metavar="URL|NAME",
                         help="a sink URL (NAME=URL names it); repeat for several; replaces the configured sinks "
@@ -52,7 +58,7 @@ def add_command(commands, name: str, parents: list[argparse.ArgumentParser], hel
 
 def config_from(args: argparse.Namespace) -> Config:
     """The configuration from every layer, the command line last; logging set up from it."""
-    overrides = {"journal": args.journal, "state": args.state, "sinks": args.sinks, "log_level": args.log_level}
+    overrides = {key: getattr(args, key, None) for key in ("journal", "state", "sinks", "log_level")}
     config = load(args.config, overrides)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     return config

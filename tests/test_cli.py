@@ -1,19 +1,31 @@
-"""`runrelay journal ls|cat|verify` as a user runs them."""
+"""The `runrelay` command as a user runs it: the journal commands, the shared options, the demo."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from runrelay.eventlog import JournalWriter, Kind
 
 RUNRELAY = str(Path(sys.executable).parent / "runrelay")
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
 FIXTURE_RUN = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh $RUNRELAY_HOME, and no other runrelay setting from the environment."""
+    for name in [name for name in os.environ if name.startswith("RUNRELAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RUNRELAY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
 
 
 def runrelay(*args: str) -> subprocess.CompletedProcess:
@@ -41,7 +53,39 @@ def test_cat_prints_one_json_object_per_event(journal_dir):
 def test_ls_lists_runs_with_status(journal_dir):
     run = make_run(journal_dir)
     done = runrelay("journal", "ls", "--json", "--journal", str(journal_dir))
-    assert json.loads(done.stdout) == {"run": run, "status": "COMPLETED", "events": 3, "journal": "ok"}
+    assert json.loads(done.stdout) == {"run": run, "status": "COMPLETED", "events": 3, "malformed": 0, "journal": "ok"}
+    listed = runrelay("journal", "ls", "--journal", str(journal_dir))
+    assert listed.stdout.split() == [run, "COMPLETED", "3", "events"]
+
+
+def test_ls_counts_malformed_events_and_goes_on(journal_dir):
+    with JournalWriter.create(journal_dir) as writer:
+        writer.append(Kind.STARTED, {"config": "not a mapping"})
+        writer.append(Kind.COMPLETED, {"result": 3})
+    done = runrelay("journal", "ls", "--json", "--journal", str(journal_dir))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) | {"run": None} == {"run": None, "status": "COMPLETED", "events": 2,
+                                                       "malformed": 1, "journal": "ok"}
+
+
+@pytest.mark.parametrize("command", [["ls"], ["verify"], ["cat", "0190"]])
+def test_a_missing_journal_is_one_line_and_exit_2(command, tmp_path):
+    done = runrelay("journal", *command, "--journal", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and f"no journal at {tmp_path / 'nowhere'}" in done.stderr
+
+
+def test_the_journal_commands_honour_the_config_file(journal_dir, tmp_path):
+    run = make_run(journal_dir)
+    config = tmp_path / "runrelay.toml"
+    config.write_text(f'journal = "{journal_dir}"\n')
+    done = runrelay("journal", "ls", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == run
+    assert runrelay("journal", "verify", run[:8], "--config", str(config)).returncode == 0
+    config.write_text('journal = "/nonexistent/journal"\n')
+    missing = runrelay("journal", "ls", "--config", str(config))
+    assert missing.returncode == 2 and "no journal at /nonexistent/journal" in missing.stderr
 
 
 def test_verify_passes_a_torn_tail_and_fails_corruption(tmp_path):
