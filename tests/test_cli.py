@@ -6,12 +6,14 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import runrelay as runrelay_package
 from runrelay.eventlog import JournalWriter, Kind
 
 RUNRELAY = str(Path(sys.executable).parent / "runrelay")
@@ -108,3 +110,30 @@ def test_journal_help_explains():
     for command in ("ls", "cat", "verify"):
         done = runrelay("journal", command, "--help")
         assert done.returncode == 0 and "example:" in done.stdout
+
+
+def test_version():
+    done = runrelay("--version")
+    assert done.returncode == 0 and done.stdout == f"runrelay {runrelay_package.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], ["dlq"], ["journal"]], ids=lambda command: " ".join(command) or "runrelay")
+def test_a_command_without_its_subcommand_prints_help_and_exits_2(command):
+    done = runrelay(*command)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"usage: runrelay {' '.join(command)}".rstrip()) and "example" in done.stderr
+
+
+@pytest.mark.parametrize("args, code", [
+    (["journal", "ls"], 141), (["journal", "cat", "RUN"], 141), (["status"], 141),
+    (["--help"], 0),  # argparse itself passes over a failed write of the help
+])
+def test_output_into_a_closed_pipe_ends_quietly(args, code, journal_dir):
+    run = make_run(journal_dir)
+    args = [run if arg == "RUN" else arg for arg in args]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    with os.fdopen(write_end, "wb") as stdout:
+        done = subprocess.run([RUNRELAY, *args, "--journal", str(journal_dir)], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (code, "")

@@ -8,7 +8,8 @@ import sys
 import textwrap
 
 from runrelay.daemon import service
-from runrelay.daemon.cli.options import EXITS_DELIVER, EXITS_INSPECT, HELP_WIDTH, add_command, config_from
+from runrelay.daemon.cli.options import (EXITS_DELIVER, EXITS_INSPECT, HELP_WIDTH, add_command, config_from,
+                                         help_when_bare)
 from runrelay.daemon.errors import EXIT_OK, EXIT_UNDELIVERED, UserError
 
 
@@ -18,7 +19,7 @@ def add_commands(commands, common) -> None:
         "List them, re-drive them once the cause is fixed, or drop them.", HELP_WIDTH),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  runrelay dlq list\n  runrelay dlq retry --all")
-    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    actions = help_when_bare(dlq, "dlq_command", "ACTION")
     listing = add_command(actions, "list", [common], help="show the dead letters", description=(
         "One line per dead letter: id, sink, run, seq, kind, attempts, when refused, why."),
         example="runrelay dlq list --json", exits=EXITS_INSPECT)

@@ -8,7 +8,7 @@ import json
 import sys
 
 from runrelay.daemon import service
-from runrelay.daemon.cli.options import add_command, config_from
+from runrelay.daemon.cli.options import add_command, config_from, help_when_bare
 from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, UserError
 from runrelay.eventlog.errors import JournalCorrupt
 from runrelay.eventlog.events import Event
@@ -29,7 +29,7 @@ def add_commands(commands, common) -> None:
         description="Read the local journal directly (no sink, no daemon needed).",
         epilog="example: runrelay journal ls && runrelay journal verify",
     )
-    actions = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+    actions = help_when_bare(journal, "journal_command")
 
     ls = add_command(actions, "ls", [common], help="list runs with their status and event count",
                      description="List every run in the journal, oldest first.",

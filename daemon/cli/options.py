@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from runrelay.daemon.config import Config, load
+from runrelay.daemon.errors import EXIT_USAGE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HELP_WIDTH = 79
@@ -45,6 +46,17 @@ def delivery_options() -> argparse.ArgumentParser:
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (env RUNRELAY_LOG_LEVEL; default INFO)")
     return common
+
+
+def help_when_bare(parser: argparse.ArgumentParser, dest: str, metavar: str = "COMMAND"):
+    """The parser's sub-commands; given none, the parser prints its help on stderr and exits 2."""
+
+    def show_help(args) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    parser.set_defaults(func=show_help)
+    return parser.add_subparsers(metavar=metavar, dest=dest)
 
 
 def add_command(commands, name: str, parents: list[argparse.ArgumentParser], help: str, description: str,
