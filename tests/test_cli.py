@@ -137,3 +137,44 @@ def test_output_into_a_closed_pipe_ends_quietly(args, code, journal_dir):
         done = subprocess.run([RUNRELAY, *args, "--journal", str(journal_dir)], stdout=stdout,
                               stderr=subprocess.PIPE, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (code, "")
+
+
+WRITER = """
+import sys
+from runrelay.eventlog import JournalWriter, Kind
+writer = JournalWriter.create(sys.argv[1])
+writer.append(Kind.STARTED, {})
+print(writer.run, flush=True)
+sys.stdin.readline()
+writer.append(Kind.METRICS, {"name": "loss", "step": 0, "value": 0.5, "timestamp": None})
+import os; os._exit(9)  # gone without an ending, as a killed run is
+"""
+
+
+def live_run(journal_dir) -> tuple[subprocess.Popen, str]:
+    """A run whose writer is alive, waiting for a line on stdin to log a point and die."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(journal_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    return writer, writer.stdout.readline().strip()
+
+
+def test_cat_follow_ends_when_the_runs_writer_is_gone(journal_dir):
+    writer, run = live_run(journal_dir)
+    follow = subprocess.Popen([RUNRELAY, "journal", "cat", run, "--follow", "--journal", str(journal_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(follow.stdout.readline())["kind"] == "started"  # following the live run
+    writer.communicate("go\n", timeout=60)
+    rest, stderr = follow.communicate(timeout=60)
+    assert follow.returncode == 0, stderr
+    assert [json.loads(line)["kind"] for line in rest.splitlines()] == ["metrics"]
+
+
+def test_ctrl_c_ends_cat_follow_quietly(journal_dir):
+    writer, run = live_run(journal_dir)
+    follow = subprocess.Popen([RUNRELAY, "journal", "cat", run, "--follow", "--journal", str(journal_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow.stdout.readline()
+    follow.send_signal(signal.SIGINT)
+    _, stderr = follow.communicate(timeout=60)
+    writer.communicate("go\n", timeout=60)
+    assert (follow.returncode, stderr) == (128 + signal.SIGINT, "")

@@ -44,7 +44,8 @@ def add_commands(commands, common) -> None:
         example="runrelay journal cat 0193b2c4 --from 10 --follow", exits=EXITS_JOURNAL)
     cat.add_argument("run", help="run uid, or a unique prefix of one")
     cat.add_argument("--from", dest="from_seq", type=int, default=0, metavar="SEQ", help="first seq to print")
-    cat.add_argument("--follow", action="store_true", help="keep printing as the run appends, until it ends")
+    cat.add_argument("--follow", action="store_true",
+                     help="keep printing as the run appends, until it ends or its process is gone")
     cat.set_defaults(func=_cat)
 
     verify = add_command(actions, "verify", [common], help="check every record's checksums", description=(
