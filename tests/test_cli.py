@@ -178,3 +178,22 @@ def test_ctrl_c_ends_cat_follow_quietly(journal_dir):
     _, stderr = follow.communicate(timeout=60)
     writer.communicate("go\n", timeout=60)
     assert (follow.returncode, stderr) == (128 + signal.SIGINT, "")
+
+
+def test_the_demo_runs_and_runs_again_in_its_own_directory_only(tmp_path):
+    directory = tmp_path / "demo"
+    for _ in range(2):  # the second time, it replaces what the first made
+        result = runrelay("demo", "--dir", str(directory))
+        assert result.returncode == 0, result.stderr
+        rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+        assert [(row[2], row[3]) for row in rows] == [("COMPLETED", "50"), ("FAILED", "50"), ("RUNNING", "50")]
+        assert "dead-run watchdog" in result.stdout
+        assert str(directory / "runs.sqlite") in result.stdout
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    refused = runrelay("demo", "--dir", str(other))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert f"{other} is not empty and no earlier demo made it" in refused.stderr
+    assert (other / "notes.txt").read_text() == "keep me"
