@@ -27,7 +27,7 @@ exit codes:
 
 
 def journal_options() -> argparse.ArgumentParser:
-    """Where the journal is: every command takes these, and finds it by the same rule."""
+    """Where the journal is: every command that reads it takes these, and finds it by one rule."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML config file (default: $RUNRELAY_CONFIG, else runrelay.toml in $RUNRELAY_HOME "
