@@ -1,6 +1,6 @@
 """The small Sacred experiment ``runrelay demo`` runs, journaled by runrelay:
 
-    python -m daemon.demo_experiment -j JOURNAL_DIR with mode=complete
+    python -m runrelay.daemon.demo_experiment -j JOURNAL_DIR with mode=complete
 
 ``mode``: ``complete`` returns the final loss, ``fail`` raises after training, ``hang``
 creates ``ready_file`` once its metrics are logged and then waits to be killed.

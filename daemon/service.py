@@ -22,6 +22,7 @@ from runrelay.daemon.config import Config, SinkConfig
 from runrelay.daemon.delivery import SinkWorker
 from runrelay.daemon.discovery import Discovery, Doorbell
 from runrelay.daemon.dlq import DeadLetters, Letter
+from runrelay.daemon.errors import EXIT_OK, EXIT_UNDELIVERED, UserError
 from runrelay.daemon.notify import Notifier
 from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore
 from runrelay.daemon.status import SinkStatus, sink_status
@@ -31,19 +32,12 @@ from runrelay.eventlog.fsutil import make_private_dir
 from runrelay.eventlog.reader import Journal
 from runrelay.sinks.registry import backend, sink_for
 
-EXIT_OK = 0
-EXIT_UNDELIVERED = 1  # something is left undelivered, or a loop crashed, or shutdown overran
-EXIT_USAGE = 2  # bad configuration or arguments: nothing was done
 MAIN_TICK_SECONDS = 0.2
 TOTALS_SECONDS = 60.0  # how often the daemon logs what it delivered
 REDRIVE_POLL_SECONDS = 0.2
 STUCK_MARGIN_SECONDS = 30.0  # beyond a sink's call timeout, before a worker counts as stuck
 
 log = logging.getLogger("runrelay")
-
-
-class UserError(Exception):
-    """Something the user can fix; printed as one line, exit 2."""
 
 
 # --- shared setup ---------------------------------------------------------------------------

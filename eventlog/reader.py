@@ -211,14 +211,20 @@ class Journal:
         stop: threading.Event | None = None,
         poll_seconds: float = FOLLOW_POLL_SECONDS,
     ) -> Iterator[Event]:
-        """Yield a live run's events as they are appended, until a terminal event or ``stop``."""
+        """Yield a live run's events as they are appended, until a terminal event, ``stop``,
+        or the end of what the run's writer wrote before it went away (a crashed run)."""
+        from runrelay.eventlog.writer import writer_alive  # the writer imports this module
+
         stop = stop or threading.Event()
         position = start
         while not stop.is_set():
+            gone = not writer_alive(self.run_dir(run))  # before reading: its last events are read
             for event, position in self.read(run, position):
                 yield event
                 if event.kind.is_terminal:
                     return
+            if gone:
+                return
             stop.wait(poll_seconds)
 
     def _segments(self, run: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""`runrelay daemon` as a real process, every command's --help, user errors, and the demo."""
+"""`runrelay daemon` as a real process, every command's --help, and user errors."""
 
 from __future__ import annotations
 
@@ -324,15 +324,3 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
-
-def test_the_demo_runs(tmp_path):
-    result = runrelay("demo", "--dir", str(tmp_path / "demo"), home=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[2], row[3]) for row in rows] == [("COMPLETED", "50"), ("FAILED", "50"), ("RUNNING", "50")]
-    assert "dead-run watchdog" in result.stdout
-    assert str(tmp_path / "demo" / "runs.sqlite") in result.stdout
-
-    again = runrelay("demo", "--dir", str(tmp_path / "demo"), home=tmp_path)
-    assert again.returncode == 2
-    assert "is not empty" in again.stderr

@@ -1,86 +1,64 @@
-"""`runrelay journal ls|cat|verify`: look into the journal without any sink."""
+"""``runrelay journal ls|cat|verify``: look into the journal without any sink."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import json
 import sys
-from pathlib import Path
 
+from runrelay.daemon import service
+from runrelay.daemon.cli.options import add_command, config_from, help_when_bare
+from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, UserError
 from runrelay.eventlog.errors import JournalCorrupt
 from runrelay.eventlog.events import Event
-from runrelay.eventlog.fold import RunState, fold_event
-from runrelay.eventlog.location import default_journal_dir
+from runrelay.eventlog.fold import MalformedEvent, RunState, fold_event, passed
 from runrelay.eventlog.reader import Journal
 
-EXIT_OK = 0
-EXIT_CORRUPT = 1
-EXIT_USAGE = 2
+EXITS_JOURNAL = """\
+exit codes:
+  0  done (verify: every record checks; a torn tail is normal, not an error)
+  1  a corrupt run (the message names the segment and byte offset)
+  2  usage or configuration error, no such journal or run"""
 
 
-def add_journal_commands(subparsers) -> None:
-    journal = subparsers.add_parser(
+def add_commands(commands, common) -> None:
+    journal = commands.add_parser(
         "journal",
         help="list, print and verify journaled runs",
         description="Read the local journal directly (no sink, no daemon needed).",
         epilog="example: runrelay journal ls && runrelay journal verify",
     )
-    commands = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+    actions = help_when_bare(journal, "journal_command")
 
-    ls = commands.add_parser(
-        "ls",
-        help="list runs with their status and event count",
-        description="List every run in the journal, oldest first.",
-        epilog="example: runrelay journal ls --json",
-    )
-    _add_location(ls)
+    ls = add_command(actions, "ls", [common], help="list runs with their status and event count",
+                     description="List every run in the journal, oldest first.",
+                     example="runrelay journal ls --json", exits=EXITS_JOURNAL)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
-    ls.set_defaults(func=_command(_ls))
+    ls.set_defaults(func=_ls)
 
-    cat = commands.add_parser(
-        "cat",
-        help="print a run's events as JSON lines",
-        description=(
-            "Print one JSON object per event: run, seq, kind, time (ISO 8601, UTC), body. "
-            "Datetimes in bodies print as ISO 8601 strings, bytes as {\"$base64\": ...}, "
-            "non-finite floats as NaN / Infinity / -Infinity."
-        ),
-        epilog="example: runrelay journal cat 0193b2c4 --from 10 --follow",
-    )
-    _add_location(cat)
+    cat = add_command(actions, "cat", [common], help="print a run's events as JSON lines", description=(
+        "Print one JSON object per event: run, seq, kind, time (ISO 8601, UTC), body. "
+        "Datetimes in bodies print as ISO 8601 strings, bytes as {\"$base64\": ...}, "
+        "non-finite floats as NaN / Infinity / -Infinity."),
+        example="runrelay journal cat 0193b2c4 --from 10 --follow", exits=EXITS_JOURNAL)
     cat.add_argument("run", help="run uid, or a unique prefix of one")
     cat.add_argument("--from", dest="from_seq", type=int, default=0, metavar="SEQ", help="first seq to print")
-    cat.add_argument("--follow", action="store_true", help="keep printing as the run appends, until it ends")
-    cat.set_defaults(func=_command(_cat))
+    cat.add_argument("--follow", action="store_true",
+                     help="keep printing as the run appends, until it ends or its process is gone")
+    cat.set_defaults(func=_cat)
 
-    verify = commands.add_parser(
-        "verify",
-        help="check every record's checksums",
-        description=(
-            "Check the checksums of one run, or of every run. Exit 0 when all records check "
-            "(a torn tail left by a crashed writer is normal and reported, not an error); "
-            "exit 1 on corruption, naming the segment and byte offset."
-        ),
-        epilog="example: runrelay journal verify && echo journal ok",
-    )
-    _add_location(verify)
+    verify = add_command(actions, "verify", [common], help="check every record's checksums", description=(
+        "Check the checksums of one run, or of every run. Exit 0 when all records check "
+        "(a torn tail left by a crashed writer is normal and reported, not an error); "
+        "exit 1 on corruption, naming the segment and byte offset."),
+        example="runrelay journal verify && echo journal ok", exits=EXITS_JOURNAL)
     verify.add_argument("run", nargs="?", help="run uid or unique prefix (default: every run)")
-    verify.set_defaults(func=_command(_verify))
-
-
-def _add_location(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--journal",
-        type=Path,
-        metavar="DIR",
-        help="journal directory (default: $RUNRELAY_JOURNAL, else $RUNRELAY_HOME/journal, else ~/.local/share/runrelay/journal)",
-    )
+    verify.set_defaults(func=_verify)
 
 
 def _journal(args) -> Journal:
-    return Journal(args.journal or default_journal_dir())
+    return service.open_journal(config_from(args))
 
 
 def _resolve(journal: Journal, prefix: str) -> str:
@@ -88,25 +66,8 @@ def _resolve(journal: Journal, prefix: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise _UsageError(f"no run matching {prefix!r} in {journal.root} (see: runrelay journal ls)")
-    raise _UsageError(f"{prefix!r} matches {len(matches)} runs; give more of the uid")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _command(function):
-    """A usage error (unknown run, ambiguous prefix) is one line and exit 2, not a traceback."""
-
-    def run(args) -> int:
-        try:
-            return function(args)
-        except _UsageError as error:
-            print(f"runrelay: {error}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
+        raise UserError(f"no run matching {prefix!r} in {journal.root} (see: runrelay journal ls)")
+    raise UserError(f"{prefix!r} matches {len(matches)} runs; give more of the uid")
 
 
 def _ls(args) -> int:
@@ -117,23 +78,31 @@ def _ls(args) -> int:
             print(json.dumps(summary))
         else:
             flag = {"ok": "", "torn": "  (torn tail)", "corrupt": "  CORRUPT"}[summary["journal"]]
+            if summary["malformed"]:
+                flag += f"  ({summary['malformed']} malformed)"
             status = summary["status"] or "-"
             print(f"{run}  {status:<11} {summary['events']:>8} events{flag}")
     return EXIT_OK
 
 
 def _summarize(journal: Journal, run: str) -> dict:
-    state = RunState(run, track_metrics=False)
-    events = 0
+    """The run's status, how many events it has and how many of them are malformed, and
+    whether its journal is whole."""
+    state = RunState(run)
+    events = malformed = 0
     health = "ok"
     try:
         for events, (event, _) in enumerate(journal.read(run), start=1):
-            fold_event(state, event)
+            try:
+                state = fold_event(state, event)
+            except MalformedEvent:
+                state = passed(state, event.seq)
+                malformed += 1
         if journal.verify(run).torn:
             health = "torn"
     except JournalCorrupt:
         health = "corrupt"
-    return {"run": run, "status": state.status, "events": events, "journal": health}
+    return {"run": run, "status": state.status, "events": events, "malformed": malformed, "journal": health}
 
 
 def _cat(args) -> int:
@@ -186,4 +155,3 @@ def _verify(args) -> int:
         print(f"{corrupt} of {len(runs)} runs corrupt", file=sys.stderr)
         return EXIT_CORRUPT
     return EXIT_OK
-

@@ -2,24 +2,33 @@
 
 One run completes, one fails, one is killed with SIGKILL after logging its metrics.
 They are delivered by ``run_sync`` (the code path of ``runrelay sync``) into
-``sqlite:///<dir>/runs.sqlite``, and the runs are printed from that database.
+``sqlite:///<dir>/runs.sqlite``, and the runs are printed from that database. The demo
+marks its directory, so that running it again replaces what an earlier demo made, and
+nothing else.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+from runrelay.daemon.cli.options import HELP_WIDTH, LOG_FORMAT
 from runrelay.daemon.config import Config, SinkConfig
+from runrelay.daemon.errors import EXIT_UNDELIVERED, UserError
+from runrelay.daemon.service import run_sync
 from runrelay.sinks.registry import backend
-from runrelay.daemon.service import EXIT_UNDELIVERED, EXIT_USAGE, run_sync
 
 EXPERIMENT_MODULE = "runrelay.daemon.demo_experiment"
+MARKER = ".runrelay-demo"  # in the demo's directory: a later demo may replace that directory
 READY_TIMEOUT_SECONDS = 60.0
 READY_POLL_SECONDS = 0.05
 RUNS = (("completes", "complete"), ("fails", "fail"), ("is killed", "hang"))
@@ -36,13 +45,32 @@ class DemoFailed(Exception):
     pass
 
 
+def add_commands(commands) -> None:
+    demo = commands.add_parser("demo", help="run three Sacred experiments and replay them into SQLite",
+                               formatter_class=argparse.RawDescriptionHelpFormatter, description=textwrap.fill(
+                                   "Run three small Sacred experiments journaled by runrelay (one completes, "
+                                   "one fails, one is killed with SIGKILL mid-run), replay them into "
+                                   "sqlite:///DIR/runs.sqlite the way `runrelay sync` does, and print the runs. "
+                                   "No server and no network needed.", HELP_WIDTH),
+                               epilog="example:\n  runrelay demo --dir /tmp/runrelay-demo\n\n"
+                                      "exit codes:\n  0  the demo ran\n  1  a step failed (the message says which)"
+                                      "\n  2  --dir is not new, empty or an earlier demo's directory")
+    demo.add_argument("--dir", type=Path, default=Path("runrelay-demo"),
+                      help="a new or empty directory for the demo, or an earlier demo's, which is replaced "
+                           "(default: ./runrelay-demo)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    logging.basicConfig(level="WARNING", format=LOG_FORMAT, stream=sys.stderr, force=True)
+    return run_demo(args.dir)
+
+
 def run_demo(directory: Path) -> int:
     directory = directory.expanduser().absolute()
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        print(f"runrelay: {directory} is not empty: give a new directory with --dir, or remove it", file=sys.stderr)
-        return EXIT_USAGE
+    _make_fresh(directory)
     journal, logs, database = directory / "journal", directory / "logs", directory / "runs.sqlite"
-    logs.mkdir(parents=True)
+    logs.mkdir()
     print(f"runrelay demo in {directory}\n")
     try:
         for what, mode in RUNS:
@@ -59,6 +87,20 @@ def run_demo(directory: Path) -> int:
         print(f"runrelay: undelivered: {problem}", file=sys.stderr)
     _print_runs(database, journal, report.delivered)
     return report.exit_code
+
+
+def _make_fresh(directory: Path) -> None:
+    """An empty, marked ``directory``: made, or emptied when an earlier demo made it; any
+    other directory with something in it is refused."""
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise UserError(f"{directory} is not a directory: give a new one with --dir")
+    if directory.exists() and any(directory.iterdir()):
+        if not (directory / MARKER).is_file():
+            raise UserError(f"{directory} is not empty and no earlier demo made it: give a new directory "
+                            "with --dir, or remove it")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("made by `runrelay demo`, which replaces this directory when run again\n")
 
 
 def _experiment(mode: str, journal: Path, logs: Path, directory: Path) -> None:
