@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import numbers
 import enum
 import os
 import re
@@ -166,3 +167,13 @@ def utc_from_micros(micros: int) -> dt.datetime:
 
 def micros_now() -> int:
     return time.time_ns() // 1000
+
+
+def metric_value(value):
+    """A logged metric value as the journal keeps it: an int or a float. A NumPy (or any
+    other ``numbers.Real``) scalar becomes the Python number it stands for; anything else
+    is kept as given, and the fold refuses it as not a number."""
+    if type(value) in (int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from runrelay.eventlog.events import Kind
+from runrelay.eventlog.events import Kind, metric_value
 from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.writer import Durability, JournalWriter
 
@@ -138,7 +138,8 @@ class Recorder:
             if step is None:
                 step = self._steps.get(name, -1) + 1
             self._steps[name] = step
-            self._writer.append(Kind.METRICS, {"name": name, "step": step, "value": value, "timestamp": utc_now()})
+            self._writer.append(Kind.METRICS, {"name": name, "step": step, "value": metric_value(value),
+                                                "timestamp": utc_now()})
 
     def add_artifact(
         self,

@@ -22,7 +22,7 @@ from sacred.run import Run
 from sacred.serializer import flatten
 
 from runrelay.eventlog.errors import JournalError
-from runrelay.eventlog.events import Kind
+from runrelay.eventlog.events import Kind, metric_value
 from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.recorder import captured_out_body, process_info
 from runrelay.eventlog.writer import Durability, JournalWriter
@@ -232,6 +232,7 @@ def _hook_metrics(run: Run, journal) -> None:
 def _metric_body(name, step, value, timestamp) -> dict:
     # Sacred's FileStorageObserver stores flatten(value); plain numbers (nearly every point)
     # are already in that form, and flatten is slow.
+    value = metric_value(value)
     value = value if type(value) in (int, float) else _flat(value)
     return {"name": name, "step": step, "value": value, "timestamp": timestamp}
 

@@ -138,6 +138,8 @@ def test_metric_steps_count_per_name_unless_given(journal_dir):
     assert loss["steps"] == [0, 1, 10, 11]
     assert loss["values"][0] == 1.0 and math.isnan(loss["values"][1]) and loss["values"][3] == float("-inf")
     assert type(loss["values"][2]) is int
+    acc = metric_series(journal_dir, run)["acc"]["values"]
+    assert acc == [0.5] and type(acc[0]) is float  # a NumPy scalar is journaled as the number it is
     assert loss["timestamps"] == sorted(loss["timestamps"])
 
 
