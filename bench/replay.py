@@ -1,22 +1,33 @@
-"""Replay benchmark: the daemon's delivery rate beside a hand-written bulk insert, live lag, restart.
+"""Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
-    python bench/replay.py [--points N] [--runs N] [--lag-seconds S] [--lag-rate R]
-                           [--no-postgres] [--profile] [--dir DIR]
+    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb]
+                           [--only replay,lag,restart,memory] [--lag-seconds S] [--lag-rate R]
+                           [--memory-points N] [--profile] [--dir DIR]
 
-(a) events/s replaying a journal of N metric points (default 1,000,000 in 20 runs) into SQLite
-    and PostgreSQL through `daemon.service.run_sync` (the code `runrelay sync` runs) and through
-    `runrelay daemon` (process start to last commit), beside a bulk insert of the same rows into
-    an equivalent table of the same database, same run;
-(b) end-to-end lag, append -> committed in SQLite (the run's applied seq, written in the same
-    transaction as its rows), p50/p99, while a producer appends R events/s for S seconds to a
-    live run with `runrelay daemon` running (default batch wait, then batch_wait_seconds=0);
-(c) restart-to-live: with the N events delivered and their cursors saved, the time from
-    starting `runrelay daemon` until an event appended just after the start is committed.
+The defaults are CI-sized (about a minute and a half on 2 CPUs). docs/benchmarks.md has the
+command for the full-size figures (1,000,000 events).
 
-PostgreSQL is a throwaway server from tests/servers.py, skipped (with the reason) if it cannot
-start here. Run it with the venv's python (`runrelay` must be installed beside it). Figures are
-printed with the goals beside them, never asserted. --profile adds a cProfile of a separate
-SQLite replay's worker thread (the measured replays run without the profiler).
+(a) replay: events/s delivering a journal of N metric points (in R RUNNING runs) to each sink
+    through `daemon.service.run_sync` (the code `runrelay sync` runs) and through
+    `runrelay daemon` (process start to last commit), beside a bulk insert of the very rows
+    the sink wrote into an equivalent table of the same database, same process, same run;
+(b) lag, append -> committed in SQLite (the run's applied seq, written in the same
+    transaction as its rows), p50/p99, while a producer appends R events/s for S seconds to
+    a live run with `runrelay daemon` running (default batch wait, then none);
+(c) restart, per sink, with the N events delivered and their cursors saved: a fresh
+    `runrelay sync` that finds nothing to deliver (process start to exit; and run_sync in
+    this process, the workers' catch-up alone); `runrelay daemon` from its start until an
+    event appended at once is committed; then two restarts that fold a run again: a cursor
+    one batch behind its sink (a kill between the sink's commit and the cursor save), and a
+    lost state directory;
+(d) memory: the peak RSS of `runrelay daemon` delivering one live run while a producer
+    appends its metric points as fast as it can, for M/10 and for M points; the ratio says
+    whether it grows with the run.
+
+PostgreSQL and MariaDB are throwaway servers from tests/servers.py, skipped (with the reason)
+if they cannot start here. Run with the venv's python (`runrelay` must be installed beside
+it). Figures are printed with the goals beside them, never asserted. --profile adds a
+cProfile of a separate SQLite replay's worker thread (the measured replays run without it).
 """
 
 from __future__ import annotations
@@ -41,29 +52,30 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from runrelay.daemon import delivery, service  # noqa: E402
-from runrelay.daemon.config import DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
+from runrelay.daemon.config import DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
 from runrelay.eventlog import JournalWriter, Kind  # noqa: E402
 
 RUNRELAY = Path(sys.executable).parent / "runrelay"
 NAMES = ["training.loss", "accuracy", "lr", "grad.norm"]
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0)
-BULK_ROWS_PER_TRANSACTION = 5000  # the daemon's default batch: same commits, same durability
+BULK_ROWS_PER_TRANSACTION = DEFAULT_BATCH_EVENTS  # the daemon's batch: same commits, same durability
 GOAL_RATIO = 0.5
 GOAL_SQLITE_RATE = 100_000
 GOAL_LAG_P99_MS = 100.0
 GOAL_RESTART_SECONDS = 1.0
-WAIT_SECONDS = 300.0
+GOAL_MEMORY_RATIO = 1.2  # "does not grow": 10x the points, at most a fifth more peak RSS
+RESTART_REPEATS = 3
+LAGGING_POINTS = 1000  # how far the sink is ahead of a lagging cursor (one small batch)
+WAIT_SECONDS = 600.0
 POLL_SECONDS = 0.001
+RSS_POLL_SECONDS = 0.05
+SINKS = ("sqlite", "postgresql", "mariadb")
+SECTIONS = ("replay", "lag", "restart", "memory")
 
 COLUMNS = "run_id, name, step, value, nonfinite, timestamp"
-SQLITE_TABLE = """CREATE TABLE bench_metric (metric_id INTEGER PRIMARY KEY, run_id VARCHAR(24) NOT NULL,
-    name VARCHAR(255) NOT NULL, step BIGINT, value FLOAT, nonfinite VARCHAR(4), timestamp DATETIME)"""
-POSTGRES_TABLE = """CREATE TABLE bench_metric (metric_id BIGSERIAL PRIMARY KEY, run_id VARCHAR(24) NOT NULL,
-    name VARCHAR(255) NOT NULL, step BIGINT, value DOUBLE PRECISION, nonfinite VARCHAR(4), timestamp TIMESTAMP)"""
 INDEX = "CREATE INDEX bench_metric_run_name ON bench_metric (run_id, name)"
 
 
@@ -81,6 +93,206 @@ def ok(met: bool) -> str:
     return "ok" if met else "BELOW GOAL"
 
 
+# --- the sinks' databases -----------------------------------------------------------------------
+
+
+class Target:
+    """One kind of SQL database: its sink URLs, a reader of applied seqs, the bulk baseline."""
+
+    label: str
+    table: str  # the bulk table, with the sink's metric columns and index
+    marker: str  # the driver's parameter marker
+    bulk_methods: tuple[str, ...] = ("executemany",)
+
+    def url(self, database: str) -> str:
+        raise NotImplementedError
+
+    def connect(self, database: str):
+        """A DB-API connection that sees every commit (autocommit); raises if none yet."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def applied(self, database: str) -> "Applied":
+        return Applied(self, database)
+
+    def rows(self, database: str) -> list[tuple]:
+        """The rows the sink wrote to its metric table, in order."""
+        with contextlib.closing(self.connect(database)) as db:
+            cursor = db.cursor()
+            cursor.execute(f"SELECT {COLUMNS} FROM metric ORDER BY metric_id")
+            return cursor.fetchall()
+
+    def bulk(self, database: str) -> dict[str, tuple[int, float]]:
+        """{method: (rows, seconds)}: the sink's own rows inserted again into an equivalent
+        table of the same database, BULK_ROWS_PER_TRANSACTION rows per transaction."""
+        rows = self.rows(database)
+        results = {}
+        with contextlib.closing(self.connect(database)) as db:
+            self._bulk_session(db)
+            for method in self.bulk_methods:
+                cursor = db.cursor()
+                cursor.execute("DROP TABLE IF EXISTS bench_metric")
+                cursor.execute(self.table)
+                cursor.execute(INDEX)
+                begin = time.perf_counter()
+                for start in range(0, len(rows), BULK_ROWS_PER_TRANSACTION):
+                    self._insert(db, method, rows[start:start + BULK_ROWS_PER_TRANSACTION])
+                results[method] = (len(rows), time.perf_counter() - begin)
+                cursor.execute("DROP TABLE bench_metric")
+        return results
+
+    def _bulk_session(self, db) -> None:
+        pass
+
+    def _insert(self, db, method: str, chunk: list[tuple]) -> None:
+        """One transaction of rows."""
+        raise NotImplementedError
+
+    def _executemany(self, cursor, chunk: list[tuple]) -> None:
+        markers = ", ".join([self.marker] * len(chunk[0]))
+        cursor.executemany(f"INSERT INTO bench_metric ({COLUMNS}) VALUES ({markers})", chunk)
+
+
+class Applied:
+    """Reads the sink's applied seq per run over one autocommit connection (opened when the
+    sink has made its tables)."""
+
+    def __init__(self, target: Target, database: str):
+        self.target, self.database = target, database
+        self._db = None
+
+    def __call__(self) -> dict[str, int]:
+        try:
+            if self._db is None:
+                self._db = self.target.connect(self.database)
+            cursor = self._db.cursor()
+            cursor.execute("SELECT uid, applied_seq FROM runrelay_run")
+            return dict(cursor.fetchall())
+        except Exception:  # noqa: BLE001 - no database or no tables yet, whatever the driver
+            self.close()
+            return {}
+
+    def seq(self, run: str) -> int:
+        return self().get(run, -1)
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None
+
+
+class SQLiteTarget(Target):
+    label = "SQLite"
+    table = """CREATE TABLE bench_metric (metric_id INTEGER PRIMARY KEY, run_id VARCHAR(24) NOT NULL,
+        name VARCHAR(255) NOT NULL, step BIGINT, value FLOAT, nonfinite VARCHAR(4), timestamp DATETIME)"""
+    marker = "?"
+
+    def __init__(self, root: Path):
+        self.root = root / "sqlite"
+
+    def url(self, database: str) -> str:
+        return f"sqlite:///{self.root / database}.sqlite"
+
+    def connect(self, database: str):
+        path = self.root / f"{database}.sqlite"
+        return sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False)
+
+    def _bulk_session(self, db) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # as the sink: a commit survives power loss
+
+    def _insert(self, db, method: str, chunk: list[tuple]) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        self._executemany(db.cursor(), chunk)
+        db.execute("COMMIT")
+
+
+class ServerTarget(Target):
+    """A throwaway server from tests/servers.py; databases are created on first use."""
+
+    def __init__(self, server):
+        self.server = server
+        self._made: set[str] = set()
+
+    def url(self, database: str) -> str:
+        if database not in self._made:
+            self.server.create_database(database)
+            self._made.add(database)
+        return self.server.url(database)
+
+    def close(self) -> None:
+        self.server.cleanup()
+
+
+class PostgresTarget(ServerTarget):
+    label = "PostgreSQL"
+    table = """CREATE TABLE bench_metric (metric_id BIGSERIAL PRIMARY KEY, run_id VARCHAR(24) NOT NULL,
+        name VARCHAR(255) NOT NULL, step BIGINT, value DOUBLE PRECISION, nonfinite VARCHAR(4), timestamp TIMESTAMP)"""
+    marker = "%s"
+    bulk_methods = ("executemany", "COPY")
+
+    def connect(self, database: str):
+        import psycopg
+
+        return psycopg.connect(f"host=127.0.0.1 port={self.server.port} user={self.server.superuser} "
+                               f"dbname={database} connect_timeout=5", autocommit=True)
+
+    def _insert(self, db, method: str, chunk: list[tuple]) -> None:
+        with db.transaction(), db.cursor() as cursor:
+            if method == "COPY":
+                with cursor.copy(f"COPY bench_metric ({COLUMNS}) FROM STDIN") as copy:
+                    for row in chunk:
+                        copy.write_row(row)
+            else:
+                self._executemany(cursor, chunk)
+
+
+class MariaDBTarget(ServerTarget):
+    label = "MariaDB"
+    table = """CREATE TABLE bench_metric (metric_id BIGINT AUTO_INCREMENT PRIMARY KEY, run_id VARCHAR(24) NOT NULL,
+        name VARCHAR(255) NOT NULL, step BIGINT, value DOUBLE, nonfinite VARCHAR(4), timestamp DATETIME(6))
+        ENGINE=InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"""
+    marker = "%s"  # PyMySQL's executemany sends multi-row INSERTs, as it does for the sink
+
+    def connect(self, database: str):
+        import pymysql
+
+        return pymysql.connect(host="127.0.0.1", port=self.server.port, user="root", database=database,
+                               charset="utf8mb4", autocommit=True, connect_timeout=5)
+
+    def _insert(self, db, method: str, chunk: list[tuple]) -> None:
+        db.begin()
+        self._executemany(db.cursor(), chunk)
+        db.commit()
+
+
+def start_targets(root: Path, wanted: list[str]) -> list[Target]:
+    """The targets asked for that can run here; a server that cannot start is said and skipped."""
+    targets: list[Target] = []
+    for name in wanted:
+        if name == "sqlite":
+            targets.append(SQLiteTarget(root))
+            continue
+        try:
+            from servers import MariaDBServer, PostgresServer, ServerUnavailable  # tests/servers.py
+        except ImportError as error:
+            print(f"  {name}: skipped: {error} (pip install -e '.[test]')")
+            continue
+        server = PostgresServer() if name == "postgresql" else MariaDBServer()
+        try:
+            server.start()
+        except (ServerUnavailable, RuntimeError) as error:
+            print(f"  {server.name}: skipped: {error}")
+            server.cleanup()
+            continue
+        targets.append(PostgresTarget(server) if name == "postgresql" else MariaDBTarget(server))
+        print(f"  {server.name} server started on 127.0.0.1:{server.port}")
+    return targets
+
+
 # --- the journal --------------------------------------------------------------------------------
 
 
@@ -89,24 +301,116 @@ def metric(step: int) -> dict:
             "timestamp": T0 + dt.timedelta(microseconds=step * 1000)}
 
 
+STARTED = {"command": "main", "config": {"seed": 0}, "start_time": T0, "ex_info": {"name": "bench"},
+           "host_info": {"hostname": "bench"}}
+
+
 def write_journal(journal: Path, runs: int, points: int) -> dict[str, int]:
     """``runs`` RUNNING runs (long trainings: no ending yet), ``points`` metric points in all;
     returns each run's last seq."""
     ends = {}
     for index in range(runs):
         with JournalWriter.create(journal) as writer:
-            writer.append(Kind.STARTED, {"command": "main", "config": {"seed": index}, "start_time": T0,
-                                         "ex_info": {"name": "bench"}, "host_info": {"hostname": "bench"}})
+            writer.append(Kind.STARTED, {**STARTED, "config": {"seed": index}})
             for step in range(points // runs):
                 writer.append(Kind.METRICS, metric(step))
             ends[writer.run] = writer.next_seq - 1
     return ends
 
 
+def append_points(journal: Path, run: str, count: int) -> int:
+    """Append ``count`` metric points to a run whose writer is gone; returns the last seq."""
+    with JournalWriter.resume(journal, run) as writer:
+        for step in range(count):
+            seq = writer.append(Kind.METRICS, metric(10**9 + step))
+    return seq
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """`runrelay daemon` as a subprocess; ``ready`` is when it told NOTIFY_SOCKET READY=1."""
+
+    def __init__(self, journal: Path, state: Path, url: str, home: Path, **settings: str):
+        self.socket_path = home / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.socket_path))
+        self.notify.settimeout(WAIT_SECONDS)
+        self.got_ready = threading.Event()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [str(RUNRELAY), "daemon", "--journal", str(journal), "--state", str(state), "--sink", url,
+             "--log-level", "WARNING"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env=env(home, NOTIFY_SOCKET=str(self.socket_path), **settings))
+        self.ready: float | None = None
+        threading.Thread(target=self._wait_ready, daemon=True).start()
+
+    def _wait_ready(self) -> None:
+        while True:
+            try:
+                message = self.notify.recv(4096).decode()
+            except OSError:
+                return
+            if message.startswith("READY=1"):
+                self.ready = time.monotonic()
+                self.got_ready.set()
+                return
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not self.got_ready.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"`runrelay daemon` never said READY=1 (exit code {self.process.poll()})")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the daemon has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory(self) -> dict[str, int]:
+        """The daemon's /proc status memory lines, in bytes: VmHWM (peak RSS), VmRSS, RssAnon, RssFile."""
+        sizes = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                sizes[key] = int(value.split()[0]) * 1024
+        return sizes
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(WAIT_SECONDS)
+        self.notify.close()
+        self.socket_path.unlink(missing_ok=True)
+        if self.process.returncode != 0:
+            raise SystemExit(f"the daemon exited with {self.process.returncode}")
+
+
+def sync_process(journal: Path, state: Path, url: str) -> float:
+    """Seconds from starting `runrelay sync` until it exits (0: everything delivered)."""
+    begin = time.perf_counter()
+    done = subprocess.run([str(RUNRELAY), "sync", "--journal", str(journal), "--state", str(state), "--sink", url,
+                           "--no-progress", "--log-level", "WARNING"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env(state.parent))
+    seconds = time.perf_counter() - begin
+    if done.returncode != 0:
+        raise SystemExit(f"`runrelay sync` into {url} exited {done.returncode}: {done.stderr.strip()}")
+    return seconds
+
+
+def wait_applied(applied: Applied, run: str, seq: int, daemon: Daemon | None = None) -> float:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while applied.seq(run) < seq:
+        if time.monotonic() > deadline or (daemon is not None and daemon.process.poll() is not None):
+            raise SystemExit(f"run {run} seq {seq} never arrived")
+        time.sleep(POLL_SECONDS)
+    return time.monotonic()
+
+
 # --- (a) replay beside a bulk insert ------------------------------------------------------------
 
 
-def replay(journal: Path, state: Path, url: str, profile: bool) -> tuple[int, float, pstats.Stats | None]:
+def replay(journal: Path, state: Path, url: str, profile: bool = False) -> tuple[int, float, pstats.Stats | None]:
     """Deliver everything with run_sync; (events, seconds, profile of the worker thread)."""
     profiles: list[cProfile.Profile] = []
     original = delivery.SinkWorker.run
@@ -132,67 +436,34 @@ def replay(journal: Path, state: Path, url: str, profile: bool) -> tuple[int, fl
     return report.delivered, seconds, stats
 
 
-def sqlite_bulk(path: Path) -> tuple[int, float]:
-    """The same rows, read back from the sink's metric table, inserted with executemany."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # as the sink: a commit survives power loss
-    rows = db.execute(f"SELECT {COLUMNS} FROM metric ORDER BY metric_id").fetchall()
-    db.execute("DROP TABLE IF EXISTS bench_metric")
-    db.execute(SQLITE_TABLE)
-    db.execute(INDEX)
-    begin = time.perf_counter()
-    for start in range(0, len(rows), BULK_ROWS_PER_TRANSACTION):
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(f"INSERT INTO bench_metric ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                       rows[start:start + BULK_ROWS_PER_TRANSACTION])
-        db.execute("COMMIT")
-    seconds = time.perf_counter() - begin
-    db.close()
-    return len(rows), seconds
-
-
-def postgres_bulk(conninfo: str) -> dict[str, tuple[int, float]]:
-    """The same rows into an equivalent table: executemany, and COPY."""
-    import psycopg
-
-    results = {}
-    with psycopg.connect(conninfo) as db:
-        rows = db.execute(f"SELECT {COLUMNS} FROM metric ORDER BY metric_id").fetchall()
-        db.commit()
-        for method in ("executemany", "COPY"):
-            db.execute("DROP TABLE IF EXISTS bench_metric")
-            db.execute(POSTGRES_TABLE)
-            db.execute(INDEX)
-            db.commit()
-            begin = time.perf_counter()
-            for start in range(0, len(rows), BULK_ROWS_PER_TRANSACTION):
-                chunk = rows[start:start + BULK_ROWS_PER_TRANSACTION]
-                with db.cursor() as cursor:
-                    if method == "COPY":
-                        with cursor.copy(f"COPY bench_metric ({COLUMNS}) FROM STDIN") as copy:
-                            for row in chunk:
-                                copy.write_row(row)
-                    else:
-                        cursor.executemany(f"INSERT INTO bench_metric ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                                           chunk)
-                db.commit()
-            results[method] = (len(rows), time.perf_counter() - begin)
-        db.execute("DROP TABLE bench_metric")
-        db.commit()
-    return results
+def daemon_replay(journal: Path, state: Path, url: str, ends: dict[str, int], applied: Applied) -> float:
+    """Start `runrelay daemon` on the journal; seconds from its start until every run's last
+    event is committed."""
+    daemon = Daemon(journal, state, url, state.parent)
+    deadline = daemon.started + WAIT_SECONDS
+    while True:
+        seqs = applied()
+        if all(seqs.get(run, -1) >= last for run, last in ends.items()):
+            break
+        if time.monotonic() > deadline or daemon.process.poll() is not None:
+            raise SystemExit(f"`runrelay daemon` did not deliver everything to {url}")
+        time.sleep(0.02)
+    seconds = time.monotonic() - daemon.started
+    applied.close()
+    daemon.stop()
+    return seconds
 
 
 # Where a worker's time goes: (label, file suffix, function), cumulative time of each.
 AREAS = [
-    ("journal: read + decode a batch", "daemon/delivery.py", "_read_batch"),
-    ("apply_isolating: fold + SqlSink.apply", "daemon/delivery.py", "apply_isolating"),
+    ("journal: Journal.read_batch (read, decode)", "eventlog/reader.py", "read_batch"),
+    ("  codec.decode (MessagePack)", "eventlog/codec.py", "decode"),
+    ("  scan_segment (CRCs)", "eventlog/format.py", "scan_segment"),
+    ("apply_isolating (fold + apply)", "daemon/delivery.py", "apply_isolating"),
+    ("  Stretch.batch (fold)", "daemon/delivery.py", "batch"),
     ("  SqlSink.apply", "sinks/sql.py", "apply"),
-    ("    _metric_row (event -> row dict)", "sinks/sql.py", "_metric_row"),
-    ("    SQLAlchemy: compile + bind params", "sqlalchemy/engine/default.py", "_init_compiled"),
+    ("    _metric_rows (points -> rows)", "sinks/sql.py", "_metric_rows"),
     ("    driver: sqlite3 executemany", "~", "<method 'executemany' of 'sqlite3.Cursor' objects>"),
-    ("    _plan (columns per event)", "sinks/sql.py", "_plan"),
-    ("    _state (fold a first batch again)", "sinks/sql.py", "_state"),
     ("cursor + state snapshot save", "daemon/state.py", "save_cursor"),
     ("state snapshot encode", "daemon/delivery.py", "_snapshot"),
 ]
@@ -204,7 +475,7 @@ def print_profile(stats: pstats.Stats) -> None:
     for label, where, name in AREAS:
         spent = sum(ct for (path, _line, function), (_cc, _nc, _tt, ct, _callers) in stats.stats.items()
                     if function == name and path.endswith(where))
-        print(f"    {label:<40} {spent:7.2f} s  {spent / total:6.1%}")
+        print(f"    {label:<44} {spent:7.2f} s  {spent / total:6.1%}")
     out = io.StringIO()
     stats.stream = out
     stats.sort_stats("tottime").print_stats(15)
@@ -214,178 +485,59 @@ def print_profile(stats: pstats.Stats) -> None:
             print("   ", line[:150])
 
 
-def daemon_replay(journal: Path, state: Path, url: str, ends: dict[str, int], applied) -> float:
-    """Start `runrelay daemon` on the journal; seconds from its start until every run's last
-    event is committed (``applied()`` gives {run: applied seq})."""
-    daemon = Daemon(journal, state, url, state.parent)
-    deadline = daemon.started + WAIT_SECONDS
-    while True:
-        seqs = applied()
-        if all(seqs.get(run, -1) >= last for run, last in ends.items()):
-            break
-        if time.monotonic() > deadline or daemon.process.poll() is not None:
-            raise SystemExit(f"`runrelay daemon` did not deliver everything to {url}")
-        time.sleep(0.02)
-    seconds = time.monotonic() - daemon.started
-    daemon.stop()
-    return seconds
-
-
-def sqlite_applied(path: Path):
-    def applied() -> dict[str, int]:
-        try:
-            with contextlib.closing(sqlite3.connect(path)) as db:
-                return dict(db.execute("SELECT uid, applied_seq FROM runrelay_run").fetchall())
-        except sqlite3.OperationalError:  # no tables yet
-            return {}
-    return applied
-
-
-def postgres_applied(conninfo: str):
-    import psycopg
-
-    def applied() -> dict[str, int]:
-        try:
-            with psycopg.connect(conninfo) as db:
-                return dict(db.execute("SELECT uid, applied_seq FROM runrelay_run").fetchall())
-        except psycopg.Error:  # no tables yet
-            return {}
-    return applied
-
-
-def bench_replay(root: Path, journal: Path, ends: dict[str, int], profile: bool, use_postgres: bool) -> None:
+def bench_replay(root: Path, journal: Path, ends: dict[str, int], target: Target, show: bool,
+                 profile: bool) -> None:
+    """Deliver the journal into the target's "sync" database (kept for (c)); with ``show``,
+    also through the daemon and beside the bulk insert, and print it all."""
+    label = target.label
+    events, seconds, _ = replay(journal, root / f"state-{label}", target.url("sync"))
+    if not show:
+        print(f"  {label:<11} delivered {events:,} events for (c) in {seconds:.2f} s")
+        return
     total = sum(ends.values()) + len(ends)
-    print(f"\n(a) replay {total:,} journaled events (default batch: 5000 events) beside a bulk insert of the "
-          f"same rows into an equivalent table, {BULK_ROWS_PER_TRANSACTION} rows per transaction")
-    database = root / "sqlite" / "runs.sqlite"
-    events, seconds, _ = replay(journal, root / "state-sqlite", f"sqlite:///{database}", False)
     rate = events / seconds
-    daemon_db = root / "sqlite" / "daemon.sqlite"
-    daemon_rate = total / daemon_replay(journal, root / "state-sqlite-daemon", f"sqlite:///{daemon_db}", ends,
-                                        sqlite_applied(daemon_db))
-    rows, bulk_seconds = sqlite_bulk(database)
-    bulk = rows / bulk_seconds
-    print(f"  SQLite      run_sync (runrelay sync)        {events:>10,} events {seconds:7.2f} s "
-          f"{rate:>9,.0f} events/s  {rate / bulk:.2f} of bulk")
-    print(f"  SQLite      runrelay daemon, from its start {total:>10,} events {total / daemon_rate:7.2f} s "
-          f"{daemon_rate:>9,.0f} events/s  {daemon_rate / bulk:.2f} of bulk")
-    print(f"  SQLite      bulk: sqlite3 executemany       {rows:>10,} rows   {bulk_seconds:7.2f} s {bulk:>9,.0f} rows/s")
-    best = max(rate, daemon_rate)
-    print(f"  SQLite      goals: >= {GOAL_SQLITE_RATE:,} events/s {ok(best >= GOAL_SQLITE_RATE)}; "
-          f">= {GOAL_RATIO} of bulk {ok(best / bulk >= GOAL_RATIO)}")
-    if profile:  # a separate replay: the profiler slows the worker down several times
-        _, _, stats = replay(journal, root / "state-profile", f"sqlite:///{root / 'sqlite' / 'profile.sqlite'}", True)
-        print_profile(stats)
+    daemon_rate = total / daemon_replay(journal, root / f"state-{label}-daemon", target.url("daemon"), ends,
+                                        target.applied("daemon"))
+    timed = target.bulk("sync")
+    bulks = {method: rows / bulk_seconds for method, (rows, bulk_seconds) in timed.items()}
+    best_method = max(bulks, key=bulks.get)
+    best_bulk = bulks[best_method]
 
-    if not use_postgres:
-        print("  PostgreSQL  skipped (--no-postgres)")
-        return
-    try:
-        from servers import PostgresServer, ServerUnavailable  # tests/servers.py: needs psycopg, pytest
-    except ImportError as error:
-        print(f"  PostgreSQL  skipped: {error} (pip install -e '.[test]')")
-        return
-    server = PostgresServer()
-    try:
-        try:
-            server.start()
-        except (ServerUnavailable, RuntimeError) as error:
-            print(f"  PostgreSQL  skipped: {error}")
-            return
-        server.create_database("bench")
-        server.create_database("bench_daemon")
-        conninfo = f"host=127.0.0.1 port={server.port} user={server.superuser} dbname="
-        events, seconds, _ = replay(journal, root / "state-postgres", server.url("bench"), False)
-        rate = events / seconds
-        daemon_rate = total / daemon_replay(journal, root / "state-postgres-daemon", server.url("bench_daemon"),
-                                            ends, postgres_applied(conninfo + "bench_daemon"))
-        timed = postgres_bulk(conninfo + "bench")
-        bulks = {method: rows / bulk_seconds for method, (rows, bulk_seconds) in timed.items()}
-        best_bulk = max(bulks.values())
-        print(f"  PostgreSQL  run_sync (runrelay sync)        {events:>10,} events {seconds:7.2f} s "
-              f"{rate:>9,.0f} events/s  {rate / best_bulk:.2f} of bulk (COPY), "
-              f"{rate / bulks['executemany']:.2f} of executemany")
-        print(f"  PostgreSQL  runrelay daemon, from its start {total:>10,} events {total / daemon_rate:7.2f} s "
-              f"{daemon_rate:>9,.0f} events/s  {daemon_rate / best_bulk:.2f} of bulk (COPY), "
-              f"{daemon_rate / bulks['executemany']:.2f} of executemany")
-        for method, (rows, bulk_seconds) in timed.items():
-            print(f"  PostgreSQL  bulk: psycopg {method:<19} {rows:>10,} rows   {bulk_seconds:7.2f} s "
-                  f"{rows / bulk_seconds:>9,.0f} rows/s")
-        best = max(rate, daemon_rate)
-        print(f"  PostgreSQL  goal: >= {GOAL_RATIO} of the faster bulk insert {ok(best / best_bulk >= GOAL_RATIO)}")
-    finally:
-        server.cleanup()
+    def shares(value: float) -> str:
+        text = f"{value / best_bulk:.2f} of bulk ({best_method})"
+        others = [f"{value / bulks[method]:.2f} of {method}" for method in bulks if method != best_method]
+        return ", ".join([text, *others])
+
+    print(f"  {label:<11} run_sync (runrelay sync)        {events:>10,} events {seconds:7.2f} s "
+          f"{rate:>9,.0f} events/s  {shares(rate)}")
+    print(f"  {label:<11} runrelay daemon, from its start {total:>10,} events {total / daemon_rate:7.2f} s "
+          f"{daemon_rate:>9,.0f} events/s  {shares(daemon_rate)}")
+    for method, (rows, bulk_seconds) in timed.items():
+        print(f"  {label:<11} bulk: {method:<25} {rows:>10,} rows   {bulk_seconds:7.2f} s "
+              f"{rows / bulk_seconds:>9,.0f} rows/s")
+    best = max(rate, daemon_rate)
+    goals = f">= {GOAL_RATIO} of the fastest bulk insert {ok(best / best_bulk >= GOAL_RATIO)}"
+    if isinstance(target, SQLiteTarget):
+        goals = f">= {GOAL_SQLITE_RATE:,} events/s {ok(best >= GOAL_SQLITE_RATE)}; " + goals
+    print(f"  {label:<11} goals: {goals}")
+    if profile and isinstance(target, SQLiteTarget):  # a separate replay: the profiler slows it several times
+        _, _, stats = replay(journal, root / "state-profile", target.url("profile"), True)
+        print_profile(stats)
 
 
 # --- (b) live lag -------------------------------------------------------------------------------
 
 
-class Daemon:
-    """`runrelay daemon` as a subprocess; ``ready`` is when it told NOTIFY_SOCKET READY=1."""
-
-    def __init__(self, journal: Path, state: Path, url: str, home: Path, **settings: str):
-        self.socket_path = home / f"notify-{time.monotonic_ns()}.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.socket_path))
-        self.notify.settimeout(WAIT_SECONDS)
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [str(RUNRELAY), "daemon", "--journal", str(journal), "--state", str(state), "--sink", url,
-             "--log-level", "WARNING"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            env=env(home, NOTIFY_SOCKET=str(self.socket_path), **settings))
-        self.ready: float | None = None
-        threading.Thread(target=self._wait_ready, daemon=True).start()
-
-    def _wait_ready(self) -> None:
-        while True:
-            try:
-                message = self.notify.recv(4096).decode()
-            except OSError:
-                return
-            if message.startswith("READY=1"):
-                self.ready = time.monotonic()
-                return
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the daemon has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(WAIT_SECONDS)
-        self.notify.close()
-        self.socket_path.unlink(missing_ok=True)
-        if self.process.returncode != 0:
-            raise SystemExit(f"the daemon exited with {self.process.returncode}")
-
-
-def applied_seq(db: sqlite3.Connection, run: str) -> int:
-    try:
-        row = db.execute("SELECT applied_seq FROM runrelay_run WHERE uid = ?", (run,)).fetchone()
-    except sqlite3.OperationalError:  # the sink has not made its tables yet
-        return -1
-    return -1 if row is None else row[0]
-
-
-def wait_applied(db: sqlite3.Connection, run: str, seq: int) -> float:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while applied_seq(db, run) < seq:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"run {run} seq {seq} never arrived")
-        time.sleep(POLL_SECONDS)
-    return time.monotonic()
-
-
 def bench_lag(root: Path, seconds: float, rate: int, label: str, **settings: str) -> float:
     """Append ``rate`` events/s for ``seconds`` to a live run; returns p99 lag in ms."""
-    journal, state, database = root / "journal", root / "state", root / "runs.sqlite"
+    journal, state = root / "journal", root / "state"
+    target = SQLiteTarget(root)
     root.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(journal, state, f"sqlite:///{database}", root, **settings)
-    db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    daemon = Daemon(journal, state, target.url("runs"), root, **settings)
+    applied = target.applied("runs")
     writer = JournalWriter.create(journal)
     writer.append(Kind.STARTED, {"command": "main", "config": {}, "start_time": T0})
-    wait_applied(db, writer.run, 0)
+    wait_applied(applied, writer.run, 0, daemon)
     total = int(seconds * rate)
     appended = [0.0] * (total + 1)
     visible = [0.0] * (total + 1)
@@ -394,7 +546,7 @@ def bench_lag(root: Path, seconds: float, rate: int, label: str, **settings: str
     def poll() -> None:
         last = 0
         while last < total:
-            seq = applied_seq(db, writer.run)
+            seq = applied.seq(writer.run)
             now = time.monotonic()
             for event in range(last + 1, seq + 1):
                 visible[event] = now
@@ -421,7 +573,7 @@ def bench_lag(root: Path, seconds: float, rate: int, label: str, **settings: str
     cpu = (daemon.cpu_seconds() - cpu_before) / (time.monotonic() - begin)
     writer.close()
     daemon.stop()
-    db.close()
+    applied.close()
     lags = sorted((visible[seq] - appended[seq]) * 1000 for seq in range(1, total + 1))
     cuts = statistics.quantiles(lags, n=100, method="inclusive")
     print(f"  {label:<34} {total:,} events in {produced:.1f} s ({total / produced:,.0f}/s): "
@@ -430,69 +582,204 @@ def bench_lag(root: Path, seconds: float, rate: int, label: str, **settings: str
     return cuts[98]
 
 
-# --- (c) restart to live ------------------------------------------------------------------------
+# --- (c) restart --------------------------------------------------------------------------------
 
 
-def bench_restart(root: Path, journal: Path, uids: list[str], events: int) -> None:
-    """With everything delivered and the cursors saved (by (a)), start the daemon, append one
-    event at once, and time until it is committed: in a new run, and in a RUNNING run."""
-    database = root / "sqlite" / "runs.sqlite"
-    state = root / "state-sqlite"
-    print(f"\n(c) restart to live, {events:,} events already delivered, cursors saved "
-          f"(goal <= {GOAL_RESTART_SECONDS:.0f} s)")
-    db = sqlite3.connect(database, isolation_level=None)
-    per_run = events // len(uids)
-    for label, target in (("a new run", None), (f"a RUNNING run of {per_run:,} events", uids[0])):
-        daemon = Daemon(journal, state, f"sqlite:///{database}", root)
-        if target is None:
-            writer = JournalWriter.create(journal)
-            writer.append(Kind.STARTED, {"command": "main", "config": {}, "start_time": T0})
+def spread(samples: list[float]) -> str:
+    return f"{min(samples):5.2f} s (max {max(samples):.2f} of {len(samples)})"
+
+
+def bench_restart(root: Path, journal: Path, ends: dict[str, int], target: Target) -> None:
+    """Restarts over the target's "sync" database and state, as (a) left them. The target
+    gets its own copy of the journal, as its restarts append to it."""
+    label = target.label
+    own = root / f"journal-{label}"
+    shutil.copytree(journal, own)
+    state, url = root / f"state-{label}", target.url("sync")
+    events = sum(ends.values()) + len(ends)
+    runs = list(ends)
+    goal = GOAL_RESTART_SECONDS
+
+    # Nothing to deliver: the cursors are at the journal's end with their state snapshots.
+    processes = [sync_process(own, state, url) for _ in range(RESTART_REPEATS)]
+    inside = []
+    for _ in range(RESTART_REPEATS):
+        delivered, seconds, _ = replay(own, state, url)
+        if delivered:
+            raise SystemExit(f"a restart of a delivered journal delivered {delivered} events into {url}")
+        inside.append(seconds)
+    print(f"  {label:<11} runrelay sync, nothing to deliver: process start -> exit {spread(processes)}, "
+          f"run_sync in-process {spread(inside)}  {ok(max(processes) <= goal)}")
+
+    # The daemon, from its start until an event appended at once is committed.
+    applied = target.applied("sync")
+    per_run = events // len(runs)
+    for case, run in (("a new run", None), (f"a RUNNING run of {per_run:,} events", runs[0])):
+        # The writer first: resume verifies the run's journal, which is the producer's time.
+        writer = JournalWriter.create(own) if run is None else JournalWriter.resume(own, run)
+        daemon = Daemon(own, state, url, root)
+        if run is None:
+            seq = writer.append(Kind.STARTED, {"command": "main", "config": {}, "start_time": T0})
         else:
-            writer = JournalWriter.resume(journal, target)
-        seq = writer.append(Kind.METRICS, metric(10**9))
+            seq = writer.append(Kind.METRICS, metric(10**9))
+        total = wait_applied(applied, writer.run, seq, daemon) - daemon.started
         writer.close()
-        seen = wait_applied(db, writer.run, seq)
-        total = seen - daemon.started
         ready = f"{daemon.ready - daemon.started:.2f} s" if daemon.ready else "-"
-        print(f"  into {label:<33} start -> READY {ready}, start -> committed {total:5.2f} s   "
-              f"{ok(total <= GOAL_RESTART_SECONDS)}")
+        print(f"  {label:<11} runrelay daemon, one event into {case:<29} start -> READY {ready}, "
+              f"start -> committed {total:5.2f} s  {ok(total <= goal)}")
         daemon.stop()
-    db.close()
+    applied.close()
+
+    # A cursor one batch behind its sink: the sink committed, the daemon was killed before
+    # it saved the cursor (the crash test counts such kills).
+    behind = root / f"state-{label}-behind"
+    shutil.copytree(state, behind)
+    append_points(own, runs[-1], LAGGING_POINTS)
+    replay(own, state, url)
+    shutil.rmtree(state)
+    shutil.move(behind, state)
+    seconds = sync_process(own, state, url)
+    print(f"  {label:<11} runrelay sync, one run's cursor {LAGGING_POINTS:,} events behind its sink "
+          f"(run of {per_run + LAGGING_POINTS:,} events): {seconds:5.2f} s  {ok(seconds <= goal)}")
+
+    # The state directory lost: no cursors, the sink holds everything.
+    seconds = sync_process(own, root / f"state-{label}-lost", url)
+    print(f"  {label:<11} runrelay sync, state directory lost (no cursors, {events:,} events held): "
+          f"{seconds:5.2f} s  {ok(seconds <= goal)}")
+
+
+# --- (d) memory of a live run -------------------------------------------------------------------
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:6.1f} MB"
+
+
+def live_run_memory(root: Path, target: Target, points: int) -> dict[str, float]:
+    """`runrelay daemon` delivering one live run while its ``points`` are appended as fast
+    as the writer goes; its memory at READY, its peak RSS and peak anonymous RSS."""
+    home = root / f"memory-{target.label}-{points}"
+    (home / "journal").mkdir(parents=True)
+    database = f"memory{points}"
+    daemon = Daemon(home / "journal", home / "state", target.url(database), home)
+    daemon.wait_ready()
+    time.sleep(0.5)  # let its start settle (imports done, loops idle)
+    at_ready = daemon.memory()
+    applied = target.applied(database)
+    peak_anon = [at_ready["RssAnon"]]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(RSS_POLL_SECONDS):
+            with contextlib.suppress(OSError, KeyError):
+                peak_anon.append(daemon.memory()["RssAnon"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    begin = time.monotonic()
+    writer = JournalWriter.create(home / "journal")  # left open: the run stays live to the end
+    writer.append(Kind.STARTED, STARTED)
+    for step in range(points):
+        last = writer.append(Kind.METRICS, metric(step))
+    produced = time.monotonic() - begin
+    wait_applied(applied, writer.run, last, daemon)
+    delivered = time.monotonic() - begin
+    sampling.set()
+    sampler.join()
+    after = daemon.memory()
+    writer.close()
+    applied.close()
+    daemon.stop()
+    return {"produced": produced, "delivered": delivered, "ready": at_ready["VmRSS"], "peak": after["VmHWM"],
+            "anon": max(peak_anon), "anon_ready": at_ready["RssAnon"]}
+
+
+def bench_memory(root: Path, target: Target, points: int) -> None:
+    sizes = [max(1, points // 10), points]
+    seen = {}
+    for size in sizes:
+        seen[size] = live_run_memory(root, target, size)
+        m = seen[size]
+        print(f"  {target.label:<11} live run of {size:>9,} points: appended in {m['produced']:5.1f} s, all "
+              f"committed after {m['delivered']:5.1f} s; RSS at READY {megabytes(m['ready'])}, "
+              f"peak RSS {megabytes(m['peak'])}, peak anonymous RSS {megabytes(m['anon'])}")
+    small, big = seen[sizes[0]], seen[sizes[1]]
+    ratio = big["peak"] / small["peak"]
+    growth = (big["peak"] - big["ready"]) / max(1, small["peak"] - small["ready"])
+    print(f"  {target.label:<11} {sizes[1] // sizes[0]}x the points: peak RSS x{ratio:.2f}, peak anonymous RSS "
+          f"x{big['anon'] / small['anon']:.2f}, growth over READY x{growth:.2f}  "
+          f"goal peak RSS x <= {GOAL_MEMORY_RATIO}: {ok(ratio <= GOAL_MEMORY_RATIO)}")
 
 
 # --- main ---------------------------------------------------------------------------------------
 
 
+def names(text: str, known: tuple[str, ...]) -> list[str]:
+    picked = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in picked if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return picked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", type=int, default=1_000_000, help="metric points in the journal (a)")
+    parser.add_argument("--points", type=int, default=100_000, help="metric points in the journal of (a) and (c)")
     parser.add_argument("--runs", type=int, default=20, help="runs they are spread over")
-    parser.add_argument("--lag-seconds", type=float, default=15.0, help="how long the producer runs (b)")
+    parser.add_argument("--sinks", type=lambda text: names(text, SINKS), default=list(SINKS),
+                        help=f"comma-separated, of {', '.join(SINKS)} (default: all)")
+    parser.add_argument("--only", type=lambda text: names(text, SECTIONS), default=list(SECTIONS),
+                        help=f"comma-separated sections, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--lag-seconds", type=float, default=2.0, help="how long the producer runs (b)")
     parser.add_argument("--lag-rate", type=int, default=10_000, help="events/s the producer appends (b)")
-    parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL in (a)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the SQLite replay")
+    parser.add_argument("--memory-points", type=int, default=100_000,
+                        help="points of the bigger live run in (d); the smaller has a tenth")
+    parser.add_argument("--profile", action="store_true", help="cProfile a separate SQLite replay in (a)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temp dir, removed after)")
     args = parser.parse_args()
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="runrelay-bench-"))
     root.mkdir(parents=True, exist_ok=True)
+    targets: list[Target] = []
     try:
         print(f"runrelay replay benchmark: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, work dir {root}")
-        journal = root / "journal"
-        begin = time.perf_counter()
-        ends = write_journal(journal, args.runs, args.points)
-        events = sum(ends.values()) + len(ends)
-        print(f"journal: {args.runs} runs, {events:,} events written in {time.perf_counter() - begin:.1f} s")
-        bench_replay(root, journal, ends, args.profile, not args.no_postgres)
+        targets = start_targets(root, args.sinks)
+        if "replay" in args.only or "restart" in args.only:
+            journal = root / "journal"
+            begin = time.perf_counter()
+            ends = write_journal(journal, args.runs, args.points)
+            events = sum(ends.values()) + len(ends)
+            seconds = time.perf_counter() - begin
+            print(f"journal: {args.runs} RUNNING runs, {events:,} events written in {seconds:.1f} s")
+            show = "replay" in args.only
+            if show:
+                print(f"\n(a) replay {events:,} journaled events ({DEFAULT_BATCH_EVENTS}-event batches) beside a "
+                      f"bulk insert of the same rows into an equivalent table, {BULK_ROWS_PER_TRANSACTION} rows "
+                      f"per transaction")
+            for target in targets:
+                bench_replay(root, journal, ends, target, show, args.profile)
 
-        print(f"\n(b) lag append -> committed in SQLite, producer at {args.lag_rate:,} events/s "
-              f"for {args.lag_seconds:.0f} s, `runrelay daemon` running")
-        bench_lag(root / "lag-default", args.lag_seconds, args.lag_rate, f"default (batch_wait_seconds {DEFAULT_BATCH_WAIT_SECONDS})")
-        bench_lag(root / "lag-nowait", args.lag_seconds, args.lag_rate, "batch_wait_seconds 0",
-                  RUNRELAY_DELIVERY_BATCH_WAIT_SECONDS="0")
+        if "lag" in args.only:
+            print(f"\n(b) lag append -> committed in SQLite, producer at {args.lag_rate:,} events/s "
+                  f"for {args.lag_seconds:.0f} s, `runrelay daemon` running")
+            bench_lag(root / "lag-default", args.lag_seconds, args.lag_rate,
+                      f"default (batch_wait_seconds {DEFAULT_BATCH_WAIT_SECONDS})")
+            bench_lag(root / "lag-nowait", args.lag_seconds, args.lag_rate, "batch_wait_seconds 0",
+                      RUNRELAY_DELIVERY_BATCH_WAIT_SECONDS="0")
 
-        bench_restart(root, journal, list(ends), events)
+        if "restart" in args.only:
+            print(f"\n(c) restart with {events:,} events delivered (goal <= {GOAL_RESTART_SECONDS:.0f} s)")
+            for target in targets:
+                bench_restart(root, journal, ends, target)
+
+        if "memory" in args.only:
+            print(f"\n(d) memory of `runrelay daemon` delivering one live run, its points appended meanwhile "
+                  f"as fast as the writer goes")
+            for target in targets:
+                bench_memory(root, target, args.memory_points)
     finally:
+        for target in targets:
+            target.close()
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
