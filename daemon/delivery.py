@@ -297,10 +297,12 @@ class SinkWorker:
             known.cursor.position = Position(seq=applied + 1)
             self.store.rewind_cursor(self.sink.name, run, known.cursor)
         target = max(known.cursor.position.seq, applied + 1)
-        known.state = self._restore(run, target)
-        if known.state is not None:
+        saved = self._restore(run, known.cursor.position)
+        if saved is not None and saved.last_seq + 1 == target:
+            known.state = saved
             return
-        known.state, position = self._refold(run, target)
+        start = (saved, known.cursor.position) if saved is not None else (RunState(run), Position())
+        known.state, position = self._refold(run, target, *start)
         if position.seq > known.cursor.position.seq:
             skipped = position.seq - known.cursor.position.seq
             known.cursor.position = position
@@ -308,11 +310,11 @@ class SinkWorker:
             self.store.save_cursor(self.sink.name, run, known.cursor)
             self.on_progress(skipped, 0)
 
-    def _refold(self, run: str, target: int) -> tuple[RunState, Position]:
-        """The run folded from the journal through ``target - 1`` (as ``apply_isolating``
-        folded it: without its dead letters and malformed events), and where that ends."""
+    def _refold(self, run: str, target: int, state: RunState, position: Position) -> tuple[RunState, Position]:
+        """``state`` (the run folded up to ``position``) folded on through ``target - 1`` from
+        the journal (as ``apply_isolating`` folded it: without its dead letters and malformed
+        events), and where that ends."""
         refused = self.letters.seqs(run)
-        state, position = RunState(run), Position()
         while position.seq < target:
             records = self.journal.read_batch(run, position, min(self.delivery.batch_events, target - position.seq))
             for event in records.events:
@@ -320,15 +322,17 @@ class SinkWorker:
                     state = _fold_sound(state, event)
             if records.records:
                 state, position = passed(state, records.end.seq - 1), records.end
-            if records.corrupt or not records.records:
+            if records.corrupt:
+                raise records.corrupt  # a state folded past the damage would be wrong: stop the run
+            if not records.records:
                 break
         return state, position
 
     def _snapshot(self, known: _Run) -> bytes | None:
         return None if known.cursor.done else codec.encode(snapshot(known.state))
 
-    def _restore(self, run: str, target: int) -> RunState | None:
-        """The saved state folded through ``target - 1``, if the cursor saved one."""
+    def _restore(self, run: str, cursor: Position) -> RunState | None:
+        """The state the cursor saved beside ``cursor`` (the run folded up to it), if any."""
         saved = self.store.snapshot(self.sink.name, run)
         if saved is None:
             return None
@@ -338,7 +342,7 @@ class SinkWorker:
             log.warning("sink %s: run %s: saved state unreadable (%s); folding the journal instead", self.sink.name,
                         run, error)
             return None
-        return state if state.last_seq + 1 == target else None
+        return state if state.last_seq + 1 == cursor.seq else None
 
     def _refuse(self, known: _Run, event: Event, reason: str) -> None:
         self.letters.put(event, reason)

@@ -16,6 +16,7 @@ from runrelay.daemon.state import StateStore
 from runrelay.eventlog.events import Kind
 from runrelay.eventlog.reader import Journal
 from runrelay.eventlog.writer import JournalWriter
+from sinkkit import deliver, open_sink
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
 START = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
@@ -330,6 +331,63 @@ def test_a_restarted_sync_resumes_a_live_run_from_its_saved_state(place):
     assert place.points(writer.run) == 30
     assert place.query("SELECT captured_out FROM run JOIN runrelay_run USING (run_id) WHERE uid = ?",
                        writer.run) == [("hello\nworld\n",)]
+
+
+def test_a_sink_ahead_of_the_cursor_is_caught_up_from_the_saved_state(place):
+    """After a kill between the sink's commit and the cursor save, the sink holds more than
+    the cursor: the restart folds on from the state saved at the cursor, never from the
+    run's start (damage planted before the cursor is never read, and the state is whole)."""
+    with JournalWriter.create(place.journal) as writer:
+        writer.append(Kind.STARTED, {"config": {"lr": 0.1}, "command": "main", "start_time": START})
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None, "captured_out": "hello\n"})
+        for step in range(20):
+            writer.append(Kind.METRICS, _point("loss", step))
+        assert place.sync().returncode == 0
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
+                                       "captured_out_append": "world\n"})
+        for step in range(20, 30):
+            writer.append(Kind.METRICS, _point("loss", step))
+        writer.sync()
+        sink = open_sink(place.url, Journal(place.journal))
+        try:
+            deliver(sink, Journal(place.journal), writer.run)  # committed; then killed before the cursor save
+        finally:
+            sink.close()
+        [segment] = (place.journal / writer.run).glob("*.seg")
+        with open(segment, "r+b") as f:  # flip a byte inside the first record's payload
+            f.seek(70)
+            byte = f.read(1)
+            f.seek(70)
+            f.write(bytes([byte[0] ^ 0x40]))
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
+                                       "captured_out_append": "again\n"})
+
+    resumed = place.sync()
+    assert resumed.returncode == 0, resumed.stderr
+    assert place.points(writer.run) == 30
+    assert place.query("SELECT captured_out FROM run JOIN runrelay_run USING (run_id) WHERE uid = ?",
+                       writer.run) == [("hello\nworld\nagain\n",)]
+
+
+def test_a_refold_that_meets_damage_stops_the_run_instead_of_writing_a_partial_state(place):
+    with JournalWriter.create(place.journal) as writer:
+        writer.append(Kind.STARTED, {"config": {"lr": 0.1}, "command": "main", "start_time": START})
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None, "captured_out": "hello\n"})
+        assert place.sync().returncode == 0
+        shutil.rmtree(place.state)  # no cursor, no saved state: the run must be folded again
+        [segment] = (place.journal / writer.run).glob("*.seg")
+        with open(segment, "r+b") as f:  # flip a byte inside the first record's payload
+            f.seek(70)
+            byte = f.read(1)
+            f.seek(70)
+            f.write(bytes([byte[0] ^ 0x40]))
+        writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
+                                       "captured_out_append": "again\n"})
+
+    stopped = place.sync()
+    assert stopped.returncode == 1 and writer.run in stopped.stderr, stopped.stderr
+    assert place.query("SELECT captured_out FROM run JOIN runrelay_run USING (run_id) WHERE uid = ?",
+                       writer.run) == [("hello\n",)]  # untouched, never rewritten from half a state
 
 
 def test_a_sink_that_lost_committed_events_is_refilled(place):
