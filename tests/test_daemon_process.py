@@ -199,6 +199,21 @@ def _quietly(query):
         return None
 
 
+def test_debug_logs_are_runrelays_own(tmp_path):
+    journal, state, database = tmp_path / "journal", tmp_path / "state", tmp_path / "runs.sqlite"
+    daemon = Daemon(journal, state, f"sqlite:///{database}", RUNRELAY_LOG_LEVEL="DEBUG")
+    try:
+        with JournalWriter.create(journal) as writer:
+            writer.append(Kind.STARTED, {"config": {}, "command": "main"})
+            write_points(writer, 0, 50)
+        wait_for(lambda: points(database) == 50, "the points")
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr
+    loggers = {line.split()[3].rstrip(":") for line in stderr.splitlines() if len(line.split()) > 3}
+    assert loggers and all(name.startswith("runrelay") for name in loggers), loggers
+
+
 def test_a_second_delivering_process_is_refused(tmp_path):
     journal, state = tmp_path / "journal", tmp_path / "state"
     daemon = Daemon(journal, state, f"sqlite:///{tmp_path / 'runs.sqlite'}")

@@ -12,6 +12,7 @@ from runrelay.daemon.config import Config, load
 from runrelay.daemon.errors import EXIT_USAGE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LIBRARIES = ("watchdog",)
 HELP_WIDTH = 79
 
 EXITS_DELIVER = """\
@@ -73,4 +74,6 @@ def config_from(args: argparse.Namespace) -> Config:
     overrides = {key: getattr(args, key, None) for key in ("journal", "state", "sinks", "log_level")}
     config = load(args.config, overrides)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    for chatty in QUIET_LIBRARIES:  # at DEBUG, watchdog logs every inotify event
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     return config
