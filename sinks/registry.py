@@ -16,6 +16,8 @@ _BACKENDS = {
     "mysql": "runrelay.sinks.sql:SqlSink",
     "mysql+pymysql": "runrelay.sinks.sql:SqlSink",
     "mariadb+pymysql": "runrelay.sinks.sql:SqlSink",
+    "mongodb": "runrelay.sinks.mongo:MongoSink",
+    "mongodb+srv": "runrelay.sinks.mongo:MongoSink",
 }
 
 

@@ -6,12 +6,13 @@ chaos test cannot break the tests after it.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 
 import pytest
 
-from servers import MariaDBServer, PostgresServer, Server, start_or_skip
+from servers import MariaDBServer, MongoServer, PostgresServer, Server, start_or_skip
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,16 @@ def mariadb_server():
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def mongo_server():
+    """SecantusDB on a free port; a real mongod instead when RUNRELAY_TEST_MONGO_URL is set."""
+    server = MongoServer(os.environ.get("RUNRELAY_TEST_MONGO_URL") or None)
+    try:
+        yield start_or_skip(server)
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture
 def postgres_url(postgres_server, request) -> str:
     return fresh_database(postgres_server, request.node.name)
@@ -40,6 +51,11 @@ def postgres_url(postgres_server, request) -> str:
 @pytest.fixture
 def mariadb_url(mariadb_server, request) -> str:
     return fresh_database(mariadb_server, request.node.name)
+
+
+@pytest.fixture
+def mongo_url(mongo_server, request) -> str:
+    return fresh_database(mongo_server, request.node.name)
 
 
 @pytest.fixture

@@ -17,11 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+import pymongo
 import pymysql
 import pytest
 from psycopg import sql
@@ -315,6 +317,76 @@ class MariaDBServer(Server):
             return True
         except pymysql.OperationalError:
             return False
+
+
+class MongoServer(Server):
+    """SecantusDB (PyPI), a Python server speaking MongoDB's wire protocol over WiredTiger.
+
+    ``--sync-on-commit``: without it, writes from the last second are lost on SIGKILL;
+    ``--standalone``: without it, updates slow tenfold after about 10k writes (TESTING.md).
+    With ``external_url`` (``RUNRELAY_TEST_MONGO_URL``, e.g. a real mongod) no server is
+    started; tests that kill or freeze the server skip.
+    """
+
+    name = "SecantusDB"
+    programs = ("secantusd-py",)
+    install_hint = "pip install SecantusDB (in the test extra)"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, external_url: str | None = None):
+        super().__init__(Path(sys.executable).parent)
+        self.external_url = external_url.rstrip("/") if external_url else None
+
+    def url(self, database: str) -> str:
+        if self.external_url:
+            base, _, query = self.external_url.partition("?")
+            head = base.split("://", 1)[1].split("/", 1)[0]
+            return f"{base.split('://', 1)[0]}://{head}/{database}{'?' + query if query else ''}"
+        return f"mongodb://127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> None:
+        """MongoDB makes a database on its first write."""
+
+    def client(self, database: str = "admin") -> pymongo.MongoClient:
+        return pymongo.MongoClient(self.url(database), serverSelectionTimeoutMS=2000, timeoutMS=10000)
+
+    def start(self) -> None:
+        if not self.external_url:
+            super().start()
+
+    def kill(self) -> None:
+        if self.external_url:
+            pytest.skip("RUNRELAY_TEST_MONGO_URL: the tests do not own that server")
+        super().kill()
+
+    @contextlib.contextmanager
+    def frozen(self):
+        if self.external_url:
+            pytest.skip("RUNRELAY_TEST_MONGO_URL: the tests do not own that server")
+        with super().frozen():
+            yield
+
+    def cleanup(self) -> None:
+        if not self.external_url:
+            super().cleanup()
+
+    def _initialize(self) -> None:
+        self.data_dir.mkdir()
+
+    def _command(self) -> list[str]:
+        return [str(self.program("secantusd-py")), "--host", "127.0.0.1", "--port", str(self.port),
+                "--storage-path", str(self.data_dir), "--log-level", "WARNING", "--sync-on-commit", "--standalone"]
+
+    def _accepts_connections(self) -> bool:
+        client = pymongo.MongoClient(f"mongodb://127.0.0.1:{self.port}", serverSelectionTimeoutMS=200,
+                                     connectTimeoutMS=200, timeoutMS=1000)
+        try:
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
 
 
 def start_or_skip(server: Server) -> Server:

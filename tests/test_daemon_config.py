@@ -40,7 +40,7 @@ initial_seconds = 1
     assert "log_level: expected one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'" in text
     assert "delivery.batch_events: expected a number, got 'lots'" in text
     assert "$RUNRELAY_SHUTDOWN_SECONDS: shutdown_seconds: expected a number of seconds above 0" in text
-    assert "no sink for 'mongo://db/runs' (known schemes:" in text
+    assert "no sink for 'mongo://db/runs' (did you mean mongodb://?)" in text
     assert "${RUNRELAY_TEST_UNSET_VARIABLE}, which is not set in the environment" in text
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pymongo
 import pytest
 import sqlalchemy as sa
 
@@ -82,13 +83,60 @@ class SqlReadBack:
         return url.render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
-def store(request, tmp_path) -> SqlReadBack:
+class MongoReadBack:
+    """The Mongo sink's runs, metrics and GridFS read back as plain values."""
+
+    def __init__(self, url: str, server):
+        self.url, self.server = url, server
+
+    def run(self, uid: str) -> dict:
+        import gridfs
+
+        database = pymongo.uri_parser.parse_uri(self.url)["database"]
+        client = pymongo.MongoClient(self.url, serverSelectionTimeoutMS=5000, timeoutMS=20000)
+        try:
+            db = client[database]
+            document = db.runs.find_one({"runrelay.uid": uid})
+            metrics = [(entry["name"], step, value) for entry in db.metrics.find({"run_id": document["_id"]})
+                       for step, value in zip(entry["steps"], entry["values"])]
+            fs = gridfs.GridFS(db)
+            artifacts = [(entry["name"], fs.get(entry["file_id"]).read()) for entry in document["artifacts"]]
+            resources = [(filename, fs.find_one({"filename": filename, "md5": md5}).read())
+                         for filename, md5 in document["resources"]]
+            runs = db.runs.count_documents({})
+        finally:
+            client.close()
+        info = dict(document["info"])
+        if "metrics" in info:  # ObjectIds differ between runs: the names they list
+            info["metrics"] = sorted(entry["name"] for entry in info["metrics"])
+        return {
+            "status": document["status"], "start_time": document.get("start_time"),
+            "heartbeat": document.get("heartbeat"), "stop_time": document.get("stop_time"),
+            "captured_out": document.get("captured_out"), "config": document["config"], "info": info,
+            "result": document.get("result"), "metrics": sorted(metrics, key=repr),
+            "artifacts": sorted(artifacts), "resources": sorted(resources), "runs in the store": runs,
+        }
+
+    @contextlib.contextmanager
+    def frozen(self):
+        with self.server.frozen():
+            yield
+
+    def url_with_password(self, password: str, database: str | None = None, port: int | None = None) -> str:
+        parts = pymongo.uri_parser.parse_uri(self.url)
+        host, real_port = parts["nodelist"][0]
+        return f"mongodb://runrelay:{password}@{host}:{port or real_port}/{database or parts['database']}"
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb", "mongo"])
+def store(request, tmp_path):
+    """A fresh store of each backend, with its read-back adapter."""
     if request.param == "sqlite":
         path = tmp_path / "db" / "runs.db"
         return SqlReadBack(f"sqlite:///{path}", sqlite_path=path)
     url = request.getfixturevalue(f"{request.param}_url")
-    return SqlReadBack(url, server=request.getfixturevalue(f"{request.param}_server"))
+    adapter = MongoReadBack if request.param == "mongo" else SqlReadBack
+    return adapter(url, server=request.getfixturevalue(f"{request.param}_server"))
 
 
 @pytest.fixture

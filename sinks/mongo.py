@@ -1,0 +1,431 @@
+"""The Mongo sink: runs in Sacred's MongoObserver layout (``runs``, ``metrics``, GridFS
+``fs``), read unchanged by Omniboard, incense and Sacredboard.
+
+Effectively once without transactions (a standalone mongod has none): every write is
+idempotent on its own, and the run document's ``runrelay.applied`` is advanced last, in
+the same single-document update as the run's fields, conditional on the value read at the
+batch's start. docs/sinks.md describes the scheme; docs/compatibility.md the deviations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mimetypes
+import os
+from typing import Any, Callable, Iterator
+
+from runrelay.eventlog.fold import RunState
+from runrelay.sinks import mongo_client, sacred
+from runrelay.sinks.base import Batch, PermanentSinkError, RunSource, Sink, SinkConfigError, TransientSinkError
+
+FORMAT = "MongoObserver-0.7.0"  # what Sacred's MongoObserver writes in "format"
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's BSON document limit
+DOCUMENT_MARGIN = 64 * 1024  # room for the runrelay fields and the update's own bytes
+OUTPUT_BUDGET = 8 * 1024 * 1024  # captured output kept in a run document, at most
+DEFAULT_POINTS_PER_DOCUMENT = 250_000  # ≈12 MB of steps, values and timestamps
+ID_ATTEMPTS = 20  # integer ids tried before a run's creation is called transient
+PART_NAME = "{name} [runrelay part {part}]"  # a metric's continuation document
+
+
+def _points_option(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= DEFAULT_POINTS_PER_DOCUMENT:
+        raise SinkConfigError(f"expected a whole number from 1 to {DEFAULT_POINTS_PER_DOCUMENT}, got {value!r}")
+    return value
+
+
+# --- the run document's fields each RunState field sets --------------------------------------
+
+def _flat(value: Any) -> Any:
+    """A value as Sacred's ``flatten`` leaves it (its datetimes jsonpickle'd, tuples kept
+    as {"py/tuple": ...}): what MongoObserver stores for config, info and result."""
+    return json.loads(sacred.sacred_json(value))
+
+
+def _heartbeat(state: RunState):
+    """A date from the start (Sacredboard fails while any run has none)."""
+    return sacred.naive_utc(state.heartbeat or state.start_time or state.queue_time)
+
+
+_FIELDS: dict[str, Callable[[RunState], Any]] = {
+    "status": lambda state: state.status,
+    "command": lambda state: state.command,
+    "host": lambda state: sacred.untuple(state.host),
+    "meta": lambda state: sacred.untuple(state.meta),
+    "config": lambda state: _flat(state.config),
+    "start_time": lambda state: sacred.naive_utc(state.start_time),
+    "heartbeat": _heartbeat,
+    "stop_time": lambda state: sacred.naive_utc(state.stop_time),
+    "result": lambda state: _flat(state.result),
+    "fail_trace": lambda state: None if state.fail_trace is None else list(state.fail_trace),
+    "format": lambda state: FORMAT,
+}
+# state field -> run document fields; experiment, info, captured_out, artifacts and
+# resources need the sink (GridFS ids, metric ids, the size budget) and are added by it
+_SETS = {
+    "status": ("status",), "command": ("command",), "host": ("host",), "meta": ("meta",),
+    "config": ("config",), "start_time": ("start_time", "heartbeat", "format"),
+    "queue_time": ("heartbeat",), "heartbeat": ("heartbeat",), "stop_time": ("stop_time",),
+    "result": ("result",), "fail_trace": ("fail_trace",),
+}
+_UNSET_WHEN_NONE = ("stop_time", "fail_trace")
+
+
+class MongoSink(Sink):
+    """Runs in Sacred's MongoObserver layout (docs/sinks.md, docs/compatibility.md)."""
+
+    OPTIONS = {
+        **Sink.OPTIONS,
+        "database": mongo_client.check_database,
+        "prefix": mongo_client.check_prefix,
+        "points_per_document": _points_option,
+    }
+
+    def __init__(self, name: str, url: str, options: dict, source: RunSource):
+        super().__init__(name, url, options, source)
+        named = mongo_client.parse(url)["database"]
+        given = self.options.get("database")
+        if named and given and named != given:
+            raise SinkConfigError(f"the URL names database {named!r} but the option database is {given!r}")
+        self.database_name = given or named or mongo_client.DEFAULT_DATABASE
+        prefix = self.options.get("prefix", "")
+        self.runs_name, self.metrics_name, self.bucket = f"{prefix}runs", f"{prefix}metrics", f"{prefix}fs"
+        self.points_per_document = self.options.get("points_per_document", DEFAULT_POINTS_PER_DOCUMENT)
+        self._client = None
+        self._db = None
+
+    @classmethod
+    def identity(cls, url: str) -> str:
+        return mongo_client.identity(url)
+
+    # --- the Sink verbs ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        with self._converted():
+            if self._client is None:
+                self._client = mongo_client.client(self.url, self.timeout_seconds)
+                self._db = self._client[self.database_name]
+            runs, metrics = self._db[self.runs_name], self._db[self.metrics_name]
+            runs.create_index("runrelay.uid", unique=True, sparse=True, name="runrelay_uid")
+            metrics.create_index([("run_id", 1), ("name", 1)], name="runrelay_run_id_name")
+            self._db[f"{self.bucket}.files"].create_index([("filename", 1), ("uploadDate", 1)])
+            self._db[f"{self.bucket}.chunks"].create_index([("files_id", 1), ("n", 1)], unique=True)
+
+    def applied(self, run: str) -> int:
+        with self._converted(run):
+            found = self._runs.find_one({"runrelay.uid": run}, {"runrelay.applied": 1})
+        return -1 if found is None else found["runrelay"]["applied"]
+
+    def apply(self, batch: Batch) -> None:
+        with self._converted(batch.run):
+            found = self._runs.find_one({"runrelay.uid": batch.run}, {"runrelay.applied": 1})
+            applied = -1 if found is None else found["runrelay"]["applied"]
+            part = batch.after(applied)
+            if part is None:
+                return
+            run_id = found["_id"] if found else self._create_run(part)
+            self._write(run_id, part, redelivery=False)
+            update = self._update(run_id, part, {"runrelay.applied": part.last_seq})
+            done = self._runs.update_one({"_id": run_id, "runrelay.applied": applied}, update)
+            if done.matched_count != 1:
+                raise TransientSinkError(f"{self!r} run {batch.run}: another writer advanced the run meanwhile")
+
+    def redeliver(self, batch: Batch) -> None:
+        if batch.first_seq != batch.last_seq:
+            raise ValueError("a re-delivery carries one dead letter")  # the daemon's contract
+        with self._converted(batch.run):
+            found = self._runs.find_one({"runrelay.uid": batch.run}, {"_id": 1})
+            run_id = found["_id"] if found else self._create_run(batch)
+            self._write(run_id, batch, redelivery=True)
+            self._runs.update_one({"_id": run_id}, self._update(run_id, batch, {}))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = self._db = None
+
+    # --- connecting and errors ---------------------------------------------------------------
+
+    @property
+    def _runs(self):
+        return self._db[self.runs_name]
+
+    @property
+    def _metrics(self):
+        return self._db[self.metrics_name]
+
+    @contextlib.contextmanager
+    def _converted(self, run: str | None = None) -> Iterator[None]:
+        import bson.errors
+        import gridfs.errors
+        import pymongo.errors
+
+        try:
+            yield
+        except (pymongo.errors.PyMongoError, bson.errors.BSONError, gridfs.errors.GridFSError) as error:
+            message = f"{self!r}{f' run {run}' if run else ''}: {mongo_client.summary(error)}"
+            raise mongo_client.classified(error, message) from None
+
+    # --- the run document --------------------------------------------------------------------
+
+    def _create_run(self, batch: Batch) -> int:
+        """Insert the run's document, its fields as of this batch and ``applied`` -1, under
+        a new integer ``_id``: the ``_id`` Sacred settled on if it is an int and free, else
+        Sacred's rule (the highest integer ``_id`` + 1, 1 for the first). The unique index on
+        ``runrelay.uid`` makes a second document for one run impossible, whoever inserts it."""
+        from pymongo.errors import DuplicateKeyError
+
+        given = batch.state.sacred_id
+        document = {**self._fields(None, batch.state, full=True),
+                    "runrelay": {"uid": batch.run, "applied": -1, "death": _death(batch.state)}}
+        self._check_size(document, batch)
+        for _attempt in range(ID_ATTEMPTS):
+            if type(given) is int and self._runs.find_one({"_id": given}, {"_id": 1}) is None:
+                run_id = given
+            else:
+                last = list(self._runs.find({"_id": {"$type": "number"}}, {"_id": 1}).sort("_id", -1).limit(1))
+                run_id = int(last[0]["_id"]) + 1 if last else 1
+            try:
+                self._runs.insert_one({"_id": run_id, **document})
+                return run_id
+            except DuplicateKeyError as error:
+                if "runrelay.uid" in (error.details or {}).get("keyPattern", {}):
+                    return self._runs.find_one({"runrelay.uid": batch.run}, {"_id": 1})["_id"]
+                given = None  # another writer took that id at the same moment: the next one
+        raise TransientSinkError(f"{self!r} run {batch.run}: {ID_ATTEMPTS} integer ids were taken meanwhile")
+
+    def _fields(self, run_id: int | None, state: RunState, full: bool, changed: frozenset = frozenset()) -> dict:
+        """The run document's fields from ``state``: all of them (``full``), else those the
+        ``changed`` state fields set. Fields needing GridFS ids are left to ``_update``."""
+        if full:
+            names = {"status", "command", "host", "meta", "config", "heartbeat", "result"}
+            if state.start_time is not None:
+                names |= {"start_time", "format"}
+            names |= {name for name in ("stop_time", "fail_trace") if getattr(state, name) is not None}
+        else:
+            names = {field for name in changed for field in _SETS.get(name, ())}
+        fields = {name: _FIELDS[name](state) for name in names}
+        if full:
+            fields.update(info=_flat(_without_metrics(state.info)), artifacts=[], resources=[],
+                          captured_out=self._output(state, fields),
+                          experiment=sacred.untuple({**state.experiment, "sources": []}))
+        return fields
+
+    def _update(self, run_id: int, batch: Batch, ours: dict) -> dict:
+        """The update of the run document for ``batch``: ``$set`` of the sink's own fields
+        only (Omniboard's ``omniboard.*`` survive), ``$unset`` of those that became empty."""
+        state, changed = batch.state, batch.changed
+        fields = self._fields(run_id, state, full=False, changed=changed)
+        if "experiment" in changed:
+            fields["experiment"] = {**sacred.untuple(state.experiment), "sources": self._sources(batch)}
+        if "artifacts" in changed:
+            fields["artifacts"] = [{"name": entry["name"], "file_id": _file_id(batch.run, "artifact", entry["seq"])}
+                                   for entry in state.artifacts]
+        if "resources" in changed:
+            fields["resources"] = list({(entry["filename"], entry["md5"]): [entry["filename"], entry["md5"]]
+                                        for entry in state.resources}.values())
+        if "info" in changed or len(batch.points):  # the metric documents may be new
+            fields["info"] = {**_flat(_without_metrics(state.info)), **self._metrics_info(run_id)}
+        if "captured_out" in changed:
+            fields["captured_out"] = self._output(state, fields)
+        if "death" in changed:
+            ours["runrelay.death"] = _death(state)
+        unset = {name: "" for name in _UNSET_WHEN_NONE if name in fields and fields[name] is None}
+        update = {"$set": {**{k: v for k, v in fields.items() if k not in unset}, **ours}}
+        if unset:
+            update["$unset"] = unset
+        self._check_size(update["$set"], batch)
+        return update
+
+    def _output(self, state: RunState, fields: dict) -> str:
+        """The captured output, its end kept within what the document has room for."""
+        import bson
+
+        others = sum(len(bson.encode({key: value})) for key, value in fields.items() if key != "captured_out")
+        budget = max(0, min(OUTPUT_BUDGET, MAX_DOCUMENT_BYTES - DOCUMENT_MARGIN - others))
+        return sacred.cut_front(state.captured_out, budget, "output", "too large for a MongoDB document")
+
+    def _check_size(self, fields: dict, batch: Batch) -> None:
+        import bson
+
+        try:
+            size = len(bson.encode(fields))
+        except (bson.errors.InvalidDocument, OverflowError) as error:
+            raise PermanentSinkError(f"{self!r} run {batch.run}: a value MongoDB cannot store: {error}") from None
+        if size > MAX_DOCUMENT_BYTES - DOCUMENT_MARGIN:
+            big = sorted(((len(bson.encode({k: v})), k) for k, v in fields.items()), reverse=True)[:3]
+            detail = ", ".join(f"{name} {size} bytes" for size, name in big)
+            raise PermanentSinkError(f"{self!r} run {batch.run}: the run document would pass MongoDB's 16 MB ({detail})")
+
+    # --- GridFS ------------------------------------------------------------------------------
+
+    def _write(self, run_id: int, batch: Batch, redelivery: bool) -> None:
+        """GridFS files and metric points of ``batch``; each write is idempotent."""
+        for entry in batch.artifacts:
+            self._put(batch.run, entry, _file_id(batch.run, "artifact", entry["seq"]),
+                      f"artifact {entry['name']!r}", filename=f"artifact://{self.runs_name}/{run_id}/{entry['name']}",
+                      metadata=entry.get("metadata"), contentType=_content_type(entry))
+        for entry in batch.resources:
+            self._shared(batch.run, entry, entry["filename"], _file_id(batch.run, "resource", entry["seq"]), "resource")
+        MetricWriter(self, run_id, batch, redelivery).write()
+
+    def _sources(self, batch: Batch) -> list[list]:
+        """``experiment.sources`` as Sacred writes it: [[relative name, GridFS id]]; the file
+        is named by its absolute path, one already stored with that name and md5 reused."""
+        blobs = {entry["name"]: entry for entry in batch.state.sources}
+        base_dir = batch.state.experiment.get("base_dir") or ""
+        sources = []
+        for pair in batch.state.experiment.get("sources", []):
+            name, md5 = sacred.untuple(pair)
+            if name not in blobs:
+                raise PermanentSinkError(f"{self!r} run {batch.run}: source {name!r} was not captured into the journal")
+            file_id = self._shared(batch.run, {**blobs[name], "md5": md5}, os.path.join(base_dir, name),
+                                   _file_id(batch.run, "source", name), "source")
+            sources.append([name, file_id])
+        return sources
+
+    def _shared(self, uid: str, entry: dict, filename: str, file_id, what: str):
+        """A source or resource: the file stored under ``filename`` with that md5, else ours."""
+        found = self._db[f"{self.bucket}.files"].find_one({"filename": filename, "md5": entry["md5"]}, {"_id": 1})
+        if found is not None:
+            return found["_id"]
+        self._put(uid, entry, file_id, f"{what} {filename!r}", filename=filename, md5=entry["md5"])
+        return file_id
+
+    def _put(self, uid: str, entry: dict, file_id, what: str, **fields) -> None:
+        """Store a blob as the GridFS file ``file_id`` unless it is there. The files document
+        is written after the chunks: a crash between leaves chunks no file names, removed here."""
+        import gridfs
+
+        files = self._db[f"{self.bucket}.files"]
+        if files.find_one({"_id": file_id}, {"_id": 1}) is not None:
+            return
+        self._db[f"{self.bucket}.chunks"].delete_many({"files_id": file_id})
+        try:
+            with self.source.open_blob(uid, entry["digest"]) as blob:
+                gridfs.GridFS(self._db, self.bucket).put(blob, _id=file_id, **fields)
+        except (FileNotFoundError, ValueError) as error:
+            raise PermanentSinkError(f"{self!r} run {uid}: {what}: {error}", entry.get("seq")) from None
+        except gridfs.errors.FileExists:
+            return  # stored meanwhile
+        except OSError as error:
+            raise TransientSinkError(f"{self!r} run {uid}: cannot read {what} from the journal: {error}") from None
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def _metrics_info(self, run_id: int) -> dict:
+        """``info.metrics`` as Sacred writes it: {"id": str(ObjectId), "name"} per metric
+        document, in the order they were made; nothing when the run has no metrics."""
+        documents = self._metrics.find({"run_id": run_id}, {"name": 1}).sort("_id", 1)
+        listed = [{"id": str(document["_id"]), "name": document["name"]} for document in documents]
+        return {"metrics": listed} if listed else {}
+
+
+class MetricWriter:
+    """One batch's metric points: one document per (run, name) as Sacred writes them, a
+    name's points past ``points_per_document`` continued in documents named ``PART_NAME``.
+
+    Idempotent: each document records the highest seq pushed into it (``runrelay.seq``,
+    advanced in the same single-document update as the push, conditional on its old value),
+    and only points above it are pushed. A re-delivered point is pushed with its seq added
+    to the document's ``runrelay.redelivered`` in the same update, unless it is there.
+    """
+
+    def __init__(self, sink: MongoSink, run_id: int, batch: Batch, redelivery: bool):
+        self.sink, self.run_id, self.batch, self.redelivery = sink, run_id, batch, redelivery
+
+    def write(self) -> None:
+        from pymongo import InsertOne, UpdateOne
+
+        points = self.batch.points
+        if not len(points):
+            return
+        parts: dict[str, list[dict]] = {}
+        for document in self.sink._metrics.find({"run_id": self.run_id}, {"name": 1, "runrelay": 1}).sort("_id", 1):
+            ours = document.get("runrelay") or {"metric": document["name"], "part": 1, "seq": -1, "points": 0}
+            parts.setdefault(ours["metric"], []).append({"_id": document["_id"], **ours})
+        for documents in parts.values():
+            documents.sort(key=lambda document: document["part"])
+        by_name: dict[str, list[tuple]] = {}
+        for row in zip(points.seqs, points.names, points.steps, points.values, points.timestamps):
+            by_name.setdefault(row[1], []).append(row)
+        operations = []
+        for name, rows in by_name.items():
+            documents = parts.get(name, [])
+            if self.redelivery:
+                rows = [row for row in rows if not documents or row[0] not in documents[-1].get("redelivered", ())]
+            else:
+                done = max((document["seq"] for document in documents), default=-1)
+                rows = [row for row in rows if row[0] > done]
+            while rows:
+                last = documents[-1] if documents else None
+                room = self.sink.points_per_document - last["points"] if last else 0
+                if room > 0:
+                    taken, rows = rows[:room], rows[room:]
+                    operations.append(UpdateOne(self._current(last), self._push(last, taken)))
+                    last.update(points=last["points"] + len(taken), seq=max(last["seq"], taken[-1][0]))
+                else:
+                    taken, rows = rows[: self.sink.points_per_document], rows[self.sink.points_per_document:]
+                    document = self._document(name, len(documents) + 1, taken)
+                    operations.append(InsertOne(document))
+                    documents.append({"_id": document["_id"], **document["runrelay"]})
+            parts[name] = documents
+        if operations:
+            result = self.sink._metrics.bulk_write(operations, ordered=True)  # a prefix at most, in order
+            updates = sum(isinstance(operation, UpdateOne) for operation in operations)
+            if result.matched_count != updates and not self.redelivery:
+                raise TransientSinkError(f"{self.sink!r} run {self.batch.run}: its metrics changed meanwhile")
+
+    def _current(self, document: dict) -> dict:
+        if self.redelivery:
+            return {"_id": document["_id"]}
+        return {"_id": document["_id"], "runrelay.seq": document["seq"]}
+
+    def _push(self, document: dict, rows: list[tuple]) -> dict:
+        update = {"$push": {"steps": {"$each": [row[2] for row in rows]},
+                            "values": {"$each": [row[3] for row in rows]},
+                            "timestamps": {"$each": [row[4] for row in rows]}},
+                  "$inc": {"runrelay.points": len(rows)}}
+        if self.redelivery:
+            update["$addToSet"] = {"runrelay.redelivered": {"$each": [row[0] for row in rows]}}
+        else:
+            update["$set"] = {"runrelay.seq": rows[-1][0]}
+        return update
+
+    def _document(self, name: str, part: int, rows: list[tuple]) -> dict:
+        from bson import ObjectId
+
+        ours = {"metric": name, "part": part, "seq": -1 if self.redelivery else rows[-1][0], "points": len(rows)}
+        if self.redelivery:
+            ours["redelivered"] = [row[0] for row in rows]
+        return {"_id": ObjectId(), "run_id": self.run_id, "name": name if part == 1 else PART_NAME.format(name=name, part=part),
+                "steps": [row[2] for row in rows], "values": [row[3] for row in rows],
+                "timestamps": [row[4] for row in rows], "runrelay": ours}
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _file_id(uid: str, what: str, key: Any):
+    """The GridFS id of a run's file, the same on every retry: a crash after the files
+    document is written can never make a second file."""
+    from bson import ObjectId
+
+    return ObjectId(hashlib.sha256(f"runrelay\0{uid}\0{what}\0{key}".encode()).digest()[:12])
+
+
+def _content_type(entry: dict) -> str | None:
+    if entry.get("content_type"):
+        return entry["content_type"]
+    return mimetypes.guess_type(entry.get("filename") or entry["name"], strict=False)[0]
+
+
+def _without_metrics(info: dict) -> dict:
+    """The run's info without ``metrics``: a MongoObserver beside runrelay adds its own
+    metric ids there (it mutates the run's info); this database's are written instead."""
+    return {key: value for key, value in info.items() if key != "metrics"}
+
+
+def _death(state: RunState) -> str | None:
+    return None if state.death is None else str(state.death.get("reason") or "")
