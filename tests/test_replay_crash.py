@@ -254,7 +254,7 @@ def sync(journal: Path, state: Path, home: Path, *urls: str) -> int:
     return int(words[1])
 
 
-def after_kill(engine: sa.Engine, state: Path) -> tuple[int, bool]:
+def sql_after_kill(engine: sa.Engine, state: Path) -> tuple[int, bool]:
     """The sink's metric rows (0 before it made its tables), and whether some run's saved
     cursor is behind what the sink holds: the kill fell between a commit and its cursor save."""
     try:
@@ -267,20 +267,27 @@ def after_kill(engine: sa.Engine, state: Path) -> tuple[int, bool]:
         if "no such table" in str(error) or "unable to open" in str(error):
             return 0, False
         raise
+    return rows, cursor_behind(state, applied)
+
+
+def cursor_behind(state: Path, applied: dict[str, int]) -> bool:
+    """Whether some run's saved cursor is behind ``applied`` (uid -> the sink's applied seq)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{state / 'state.sqlite'}?mode=ro", uri=True)) as db:
             cursors = dict(db.execute("SELECT run, seq FROM cursors").fetchall())
     except sqlite3.OperationalError:  # no state yet
         cursors = {}
-    return rows, any(seq + 1 > cursors.get(uid, 0) for uid, seq in applied.items())
+    return any(seq + 1 > cursors.get(uid, 0) for uid, seq in applied.items())
 
 
 def kill_repeatedly(journal: Path, state: Path, url: str, home: Path, kills: int, rng: random.Random,
-                    log: Path, backlog: int) -> dict[str, int]:
+                    log: Path, backlog: int, after_kill=None) -> dict[str, int]:
     """Start the daemon and SIGKILL it after a random time, ``kills`` times. Counts the kills
     after which the sink held fewer metric rows than the journal's initial ``backlog`` of
-    points (still replaying it), and those after which it held more than before (delivering)."""
-    engine = sa.create_engine(url, poolclass=NullPool)
+    points (still replaying it), and those after which it held more than before (delivering).
+    ``after_kill(state)`` reads the sink: (metric points, a cursor behind it); SQL's by default."""
+    engine = sa.create_engine(url, poolclass=NullPool) if after_kill is None else None
+    after_kill = after_kill or (lambda state: sql_after_kill(engine, state))
     seen = {"kills": 0, "in_backlog": 0, "rows_grew": 0, "cursor_behind": 0}
     rows = 0
     try:
@@ -300,13 +307,14 @@ def kill_repeatedly(journal: Path, state: Path, url: str, home: Path, kills: int
                 daemon.wait()
                 assert exited is None, f"the daemon exited on its own ({exited}):\n{tail(log)}"
                 seen["kills"] += 1
-                now, behind = after_kill(engine, state)
+                now, behind = after_kill(state)
                 seen["cursor_behind"] += behind
                 seen["rows_grew"] += now > rows
                 seen["in_backlog"] += now < backlog
                 rows = now
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
     return seen
 
 
