@@ -98,6 +98,15 @@ def continue_run(journal: Path, run: str, points: int, first_step: int) -> None:
         writer.append(Kind.COMPLETED, {"stop_time": START, "result": 0.25})
 
 
+def flip_a_payload_byte(segment: Path) -> None:
+    """Damage the first record of ``segment``: flip a bit inside its payload."""
+    with open(segment, "r+b") as f:
+        f.seek(70)
+        byte = f.read(1)
+        f.seek(70)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
 def test_sync_delivers_every_event_exactly_once(place):
     runs = [write_run(place.journal, points) for points in (300, 1, 120)]
     first = place.sync(RUNRELAY_DELIVERY_BATCH_EVENTS="50")
@@ -315,11 +324,7 @@ def test_a_restarted_sync_resumes_a_live_run_from_its_saved_state(place):
             writer.append(Kind.METRICS, _point("loss", step))
         assert place.sync().returncode == 0
         [segment] = (place.journal / writer.run).glob("*.seg")
-        with open(segment, "r+b") as f:  # flip a byte inside the first record's payload
-            f.seek(70)
-            byte = f.read(1)
-            f.seek(70)
-            f.write(bytes([byte[0] ^ 0x40]))
+        flip_a_payload_byte(segment)
         writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
                                        "captured_out_append": "world\n"})
         for step in range(20, 30):
@@ -354,11 +359,7 @@ def test_a_sink_ahead_of_the_cursor_is_caught_up_from_the_saved_state(place):
         finally:
             sink.close()
         [segment] = (place.journal / writer.run).glob("*.seg")
-        with open(segment, "r+b") as f:  # flip a byte inside the first record's payload
-            f.seek(70)
-            byte = f.read(1)
-            f.seek(70)
-            f.write(bytes([byte[0] ^ 0x40]))
+        flip_a_payload_byte(segment)
         writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
                                        "captured_out_append": "again\n"})
 
@@ -376,11 +377,7 @@ def test_a_refold_that_meets_damage_stops_the_run_instead_of_writing_a_partial_s
         assert place.sync().returncode == 0
         shutil.rmtree(place.state)  # no cursor, no saved state: the run must be folded again
         [segment] = (place.journal / writer.run).glob("*.seg")
-        with open(segment, "r+b") as f:  # flip a byte inside the first record's payload
-            f.seek(70)
-            byte = f.read(1)
-            f.seek(70)
-            f.write(bytes([byte[0] ^ 0x40]))
+        flip_a_payload_byte(segment)
         writer.append(Kind.HEARTBEAT, {"beat_time": START, "info": {}, "result": None,
                                        "captured_out_append": "again\n"})
 

@@ -97,6 +97,17 @@ def status(journal: Path, state: Path, home: Path, *urls: str) -> dict[str, dict
     return {sink["sink"]: {**sink, "daemon_pid": report["daemon_pid"]} for sink in report["sinks"]}
 
 
+def stop(daemon: subprocess.Popen) -> None:
+    """SIGTERM the daemon if it still runs; SIGKILL it if it does not end in time."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
 def test_postgres_outage_mid_stream_daemon_waits_and_resumes_while_sqlite_keeps_flowing(
         postgres_server, postgres_url, tmp_path):
     rng = random.Random(SEED)
@@ -155,13 +166,7 @@ def test_postgres_outage_mid_stream_daemon_waits_and_resumes_while_sqlite_keeps_
     finally:
         if not postgres_server.running:
             postgres_server.start()  # for the tests after this one
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(WAIT_SECONDS)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop(daemon)
         stderr.close()
     assert daemon.returncode == 0, tail(log)
 
@@ -231,13 +236,7 @@ def test_a_frozen_postgres_holds_up_only_itself(postgres_server, postgres_url, t
         for url in (postgres_url, sqlite_url):
             wait_for(lambda: holds(url, ends), f"{url.split(':')[0]} to hold everything", daemon, log)
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(WAIT_SECONDS)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop(daemon)
         stderr.close()
     assert daemon.returncode == 0, tail(log)
     counts = {url.split(":")[0]: assert_sink_matches_journal(url, journal) for url in (postgres_url, sqlite_url)}
