@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
-from runrelay.eventlog.events import UNFINISHED, Event, Kind, Points, Status
+from runrelay.eventlog.events import UNFINISHED, Event, Kind, Status
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -152,12 +152,6 @@ def metric_point(event: Event) -> tuple[int, str, int, int | float, dt.datetime]
         return (event.seq, *_point(event.body))
     except (TypeError, KeyError, ValueError) as error:
         raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
-
-
-def add_points(points: Points, events: Iterable[Event]) -> None:
-    """Add well-formed metric events to ``points`` (raises MalformedEvent for the first that is not)."""
-    for event in events:
-        points.add(*metric_point(event))
 
 
 def snapshot(state: RunState) -> dict:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import mimetypes
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from runrelay.eventlog.fold import RunState
 from runrelay.sinks import mongo_client, sacred
@@ -37,38 +36,6 @@ def _points_option(value: Any) -> int:
 
 # --- the run document's fields each RunState field sets --------------------------------------
 
-def _flat(value: Any) -> Any:
-    """A value as Sacred's ``flatten`` leaves it (its datetimes jsonpickle'd, tuples kept
-    as {"py/tuple": ...}): what MongoObserver stores for config, info and result."""
-    return json.loads(sacred.sacred_json(value))
-
-
-def _heartbeat(state: RunState):
-    """A date from the start (Sacredboard fails while any run has none)."""
-    return sacred.naive_utc(state.heartbeat or state.start_time or state.queue_time)
-
-
-_FIELDS: dict[str, Callable[[RunState], Any]] = {
-    "status": lambda state: state.status,
-    "command": lambda state: state.command,
-    "host": lambda state: sacred.untuple(state.host),
-    "meta": lambda state: sacred.untuple(state.meta),
-    "config": lambda state: _flat(state.config),
-    "start_time": lambda state: sacred.naive_utc(state.start_time),
-    "heartbeat": _heartbeat,
-    "stop_time": lambda state: sacred.naive_utc(state.stop_time),
-    "result": lambda state: _flat(state.result),
-    "fail_trace": lambda state: None if state.fail_trace is None else list(state.fail_trace),
-    "format": lambda state: FORMAT,
-}
-# state field -> run document fields; experiment, info, captured_out, artifacts and
-# resources need the sink (GridFS ids, metric ids, the size budget) and are added by it
-_SETS = {
-    "status": ("status",), "command": ("command",), "host": ("host",), "meta": ("meta",),
-    "config": ("config",), "start_time": ("start_time", "heartbeat", "format"),
-    "queue_time": ("heartbeat",), "heartbeat": ("heartbeat",), "stop_time": ("stop_time",),
-    "result": ("result",), "fail_trace": ("fail_trace",),
-}
 _UNSET_WHEN_NONE = ("stop_time", "fail_trace")
 
 
@@ -198,16 +165,11 @@ class MongoSink(Sink):
     def _fields(self, run_id: int | None, state: RunState, full: bool, changed: frozenset = frozenset()) -> dict:
         """The run document's fields from ``state``: all of them (``full``), else those the
         ``changed`` state fields set. Fields needing GridFS ids are left to ``_update``."""
+        fields = sacred.run_document(state) if full else sacred.run_fields_changed(state, changed)
+        if "start_time" in fields:
+            fields["format"] = FORMAT
         if full:
-            names = {"status", "command", "host", "meta", "config", "heartbeat", "result"}
-            if state.start_time is not None:
-                names |= {"start_time", "format"}
-            names |= {name for name in ("stop_time", "fail_trace") if getattr(state, name) is not None}
-        else:
-            names = {field for name in changed for field in _SETS.get(name, ())}
-        fields = {name: _FIELDS[name](state) for name in names}
-        if full:
-            fields.update(info=_flat(_without_metrics(state.info)), artifacts=[], resources=[],
+            fields.update(info=sacred.flat(_without_metrics(state.info)), artifacts=[], resources=[],
                           captured_out=self._output(state, fields),
                           experiment=sacred.untuple({**state.experiment, "sources": []}))
         return fields
@@ -226,7 +188,7 @@ class MongoSink(Sink):
             fields["resources"] = list({(entry["filename"], entry["md5"]): [entry["filename"], entry["md5"]]
                                         for entry in state.resources}.values())
         if "info" in changed or len(batch.points):  # the metric documents may be new
-            fields["info"] = {**_flat(_without_metrics(state.info)), **self._metrics_info(run_id)}
+            fields["info"] = {**sacred.flat(_without_metrics(state.info)), **self._metrics_info(run_id)}
         if "captured_out" in changed:
             fields["captured_out"] = self._output(state, fields)
         if "death" in changed:

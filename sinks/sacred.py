@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 from runrelay.eventlog.fold import RunState
 
@@ -98,21 +98,51 @@ def cut_front(text: str, budget: int, what: str, why: str) -> str:
     return CUT_MARKER.format(cut=cut, what=what, why=why) + data[cut:].decode("utf-8", "ignore")
 
 
-def run_document(state: RunState) -> dict:
-    """What Sacred's MongoObserver and FileStorageObserver both write about a run (its
-    ``runs`` document, its ``run.json``), in Sacred's forms, times as naive UTC datetimes.
+def flat(value: Any) -> Any:
+    """A value as Sacred's ``flatten`` leaves it (its datetimes jsonpickle'd, tuples kept
+    as {"py/tuple": ...}): what Sacred's observers store for config, info and result."""
+    return json.loads(sacred_json(value))
 
-    Each layout adds its own forms on top: sources, artifacts and resources (GridFS ids
-    or file paths), config, info and output (inline or in their own files), and how a
-    time is written.
-    """
-    document = {"experiment": state.experiment, "command": state.command, "host": state.host,
-                "meta": state.meta, "status": state.status}
-    if state.start_time is not None:
-        document.update(start_time=naive_utc(state.start_time), heartbeat=naive_utc(state.heartbeat),
-                        result=state.result)
-    if state.stop_time is not None:
-        document["stop_time"] = naive_utc(state.stop_time)
-    if state.fail_trace is not None:
-        document["fail_trace"] = list(state.fail_trace)
-    return document
+
+def _heartbeat(state: RunState) -> dt.datetime | None:
+    """A date from the start (Sacredboard fails while any run has none)."""
+    return naive_utc(state.heartbeat or state.start_time or state.queue_time)
+
+
+# The run document's fields (Mongo's ``runs`` document, FileStorage's ``run.json`` and
+# ``config.json``) from the state, in Sacred's forms. The experiment, info, output,
+# sources, artifacts and resources need the layout (GridFS ids, file paths, size budgets).
+RUN_FIELDS: dict[str, Callable[[RunState], Any]] = {
+    "status": lambda state: state.status,
+    "command": lambda state: state.command,
+    "host": lambda state: untuple(state.host),
+    "meta": lambda state: untuple(state.meta),
+    "config": lambda state: flat(state.config),
+    "start_time": lambda state: naive_utc(state.start_time),
+    "heartbeat": _heartbeat,
+    "stop_time": lambda state: naive_utc(state.stop_time),
+    "result": lambda state: flat(state.result),
+    "fail_trace": lambda state: None if state.fail_trace is None else list(state.fail_trace),
+}
+# RunState field -> the run document fields it sets (``eventlog.fold.SETS`` says which
+# state fields each event sets)
+RUN_FIELDS_SET_BY = {
+    "status": ("status",), "command": ("command",), "host": ("host",), "meta": ("meta",),
+    "config": ("config",), "start_time": ("start_time", "heartbeat"), "queue_time": ("heartbeat",),
+    "heartbeat": ("heartbeat",), "stop_time": ("stop_time",), "result": ("result",),
+    "fail_trace": ("fail_trace",),
+}
+
+
+def run_document(state: RunState) -> dict:
+    """The run document's fields that have a value: a start time once started, a stop
+    time and a trace once set."""
+    names = {"status", "command", "host", "meta", "config", "heartbeat", "result"}
+    names |= {name for name in ("start_time", "stop_time", "fail_trace") if getattr(state, name) is not None}
+    return {name: RUN_FIELDS[name](state) for name in names}
+
+
+def run_fields_changed(state: RunState, changed: frozenset[str]) -> dict:
+    """The run document's fields that the ``changed`` state fields set."""
+    names = {field for name in changed for field in RUN_FIELDS_SET_BY.get(name, ())}
+    return {name: RUN_FIELDS[name](state) for name in names}
