@@ -81,6 +81,17 @@ def encode(value: Any) -> bytes:
         raise EncodeError(f"cannot journal value: {error}") from error
 
 
+def metric_packer() -> msgpack.Packer:
+    """A Packer for metric column payloads (docs/journal-format.md): plain values only, no
+    callback; one per writer, used under its lock (a Packer is not thread-safe)."""
+    return msgpack.Packer(use_bin_type=True, datetime=False)
+
+
+def naive_from_micros(micros: int) -> dt.datetime:
+    """The naive UTC datetime of a metric column timestamp."""
+    return _EPOCH + _MICROSECOND * micros
+
+
 def decode(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, ext_hook=_decode_extra, raw=False, strict_map_key=False)

@@ -7,7 +7,8 @@ Each segment starts with a header and then holds records back to back:
                                run uid (16 bytes) | first seq u64 | crc32 u32
     record header  (20 bytes): payload length u32 | seq u64 | payload crc32 u32 |
                                header crc32 u32 (over the 16 bytes before it)
-    payload: MessagePack [kind, time in µs since the epoch, body]
+    payload: MessagePack [kind, time in µs since the epoch, body], or (version 2) a
+             metric point in columns: ["metrics", time, name, step, value, timestamp µs]
 
 All integers are big-endian.
 """
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 MAGIC = b"RRJOURNL"
-VERSION = 1
+VERSION = 2  # what this runrelay writes
+READABLE_VERSIONS = (1, 2)
 SEGMENT_HEADER = struct.Struct(">8sHH16sQ")
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size + 4
 RECORD_HEADER = struct.Struct(">IQI")
@@ -29,6 +31,9 @@ RECORD_HEADER_SIZE = RECORD_HEADER.size + 4
 MAX_PAYLOAD = 64 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 _CRC = struct.Struct(">I")
+# The resume hint in writer.lock: newest segment, a durable record boundary in it, the seq there.
+RESUME_HINT = struct.Struct(">QQQ")
+RESUME_HINT_SIZE = RESUME_HINT.size + 4
 
 
 def segment_name(first_seq: int) -> str:
@@ -46,6 +51,26 @@ def segment_first_seq(name: str) -> int | None:
 def encode_segment_header(run: str, first_seq: int) -> bytes:
     head = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, uuid.UUID(run).bytes, first_seq)
     return head + _CRC.pack(zlib.crc32(head))
+
+
+def segment_version(data: bytes) -> int:
+    """The format version a segment's header names (its header already checked)."""
+    return SEGMENT_HEADER.unpack_from(data)[1]
+
+
+def encode_resume_hint(segment: int, offset: int, seq: int) -> bytes:
+    hint = RESUME_HINT.pack(segment, offset, seq)
+    return hint + _CRC.pack(zlib.crc32(hint))
+
+
+def decode_resume_hint(data: bytes) -> tuple[int, int, int] | None:
+    """(segment, offset, seq) of a resume hint, or None when it is missing or damaged."""
+    if len(data) < RESUME_HINT_SIZE:
+        return None
+    (crc,) = _CRC.unpack_from(data, RESUME_HINT.size)
+    if zlib.crc32(data[: RESUME_HINT.size]) != crc:
+        return None
+    return RESUME_HINT.unpack_from(data)
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:
@@ -81,8 +106,9 @@ def check_segment_header(data: bytes, run: str, first_seq: int) -> str | None:
     magic, version, _reserved, uid, header_first = SEGMENT_HEADER.unpack(head)
     if magic != MAGIC:
         return "not a runrelay journal segment (bad magic)"
-    if version != VERSION:
-        return f"unsupported journal format version {version} (this runrelay reads {VERSION})"
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        return f"unsupported journal format version {version} (this runrelay reads versions {readable})"
     if uid != uuid.UUID(run).bytes:
         return "segment belongs to another run"
     if header_first != first_seq:

@@ -316,7 +316,16 @@ class _mapped:
 def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int) -> Event:
     """Turn a checksummed payload into an Event; a malformed one is corruption, not a crash."""
     try:
-        kind, micros, body = codec.decode(payload)
+        record = codec.decode(payload)
+        if len(record) == 6 and record[0] == "metrics":  # a metric point in columns (version 2)
+            kind, micros, name, step, value, stamp = record
+            if not (type(name) is str and type(step) is int and type(value) in (int, float)
+                    and (stamp is None or type(stamp) is int)):
+                raise ValueError("metric columns are not [kind, time, name, step, value, timestamp]")
+            timestamp = None if stamp is None else codec.naive_from_micros(stamp)
+            body = {"name": name, "step": step, "value": value, "timestamp": timestamp}
+        else:
+            kind, micros, body = record
         if not isinstance(micros, int) or not isinstance(body, dict):
             raise ValueError("payload is not [kind, time, body]")
         return Event(run, seq, KINDS_BY_VALUE[kind], utc_from_micros(micros), body)

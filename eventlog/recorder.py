@@ -138,8 +138,7 @@ class Recorder:
             if step is None:
                 step = self._steps.get(name, -1) + 1
             self._steps[name] = step
-            self._writer.append(Kind.METRICS, {"name": name, "step": step, "value": metric_value(value),
-                                                "timestamp": utc_now()})
+            self._writer.append_metric(name, step, metric_value(value), utc_now())
 
     def add_artifact(
         self,

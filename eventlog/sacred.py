@@ -77,7 +77,7 @@ class JournalObserver(RunObserver):
         # Run): journal the points Sacred hands over at the heartbeat.
         for name, series in metrics_by_name.items():
             for step, value, timestamp in zip(series["steps"], series["values"], series["timestamps"]):
-                self._writer.append(Kind.METRICS, _metric_body(name, step, value, timestamp))
+                self._writer.append_metric(name, step, _metric_value(value), timestamp)
 
     def resource_event(self, filename):
         self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
@@ -158,7 +158,10 @@ class JournalObserver(RunObserver):
             self._writer.close()
 
     def _journal_metric(self, entry) -> None:
-        self._writer.append(Kind.METRICS, _metric_body(entry.name, entry.step, entry.value, entry.timestamp))
+        value = entry.value
+        if type(value) is not float and type(value) is not int:
+            value = _flat(value)
+        self._writer.append_metric(entry.name, entry.step, value, entry.timestamp)
 
 
 class _SettledId(RunObserver):
@@ -229,12 +232,13 @@ def _hook_metrics(run: Run, journal) -> None:
         metrics._logged_metrics = _JournalingQueue(journal)  # empty: main has not run yet
 
 
-def _metric_body(name, step, value, timestamp) -> dict:
+def _metric_value(value):
     # Sacred's FileStorageObserver stores flatten(value); plain numbers (nearly every point)
     # are already in that form, and flatten is slow.
-    value = metric_value(value)
-    value = value if type(value) in (int, float) else _flat(value)
-    return {"name": name, "step": step, "value": value, "timestamp": timestamp}
+    if type(value) in (int, float):
+        return value
+    value = metric_value(value)  # a NumPy scalar becomes the number it stands for
+    return value if type(value) in (int, float) else _flat(value)
 
 
 def _flat(value, changing_elsewhere: bool = False):

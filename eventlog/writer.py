@@ -5,15 +5,23 @@ Two durability classes (docs/journal-format.md, "Durability"):
 - heartbeats and metrics are written to the file before ``append`` returns (so a
   ``kill -9`` of the experiment loses nothing) and fsynced by a background group
   commit at most ``group_commit_seconds`` later (a power loss loses that window).
+
+Metric points have their own fast path, ``append_metric``: a per-writer MessagePack packer
+with no callback, the metric in columns with an integer timestamp, and the record framed
+inline (docs/journal-format.md, version 2).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import logging
 import os
 import shutil
+import struct
 import threading
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +30,22 @@ from runrelay.eventlog import codec
 from runrelay.eventlog.blobs import store_blob
 from runrelay.eventlog.errors import JournalCorrupt, JournalWriteError, WriterBusy
 from runrelay.eventlog.events import Kind, check_run_uid, micros_now, new_run_uid
-from runrelay.eventlog.format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_name
+from runrelay.eventlog.format import (
+    MAX_PAYLOAD,
+    RESUME_HINT_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SegmentScan,
+    check_segment_header,
+    decode_resume_hint,
+    encode_record,
+    encode_resume_hint,
+    encode_segment_header,
+    scan_segment,
+    segment_name,
+    segment_version,
+)
 from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
-from runrelay.eventlog.reader import Journal
+from runrelay.eventlog.reader import Journal, _mapped, _Outcome
 
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
@@ -32,6 +53,15 @@ LOCK_FILE = "writer.lock"
 MAX_MARKER_WARNINGS = 100  # distinct warnings per run about values journaled as markers
 
 log = logging.getLogger(__name__)
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_MICROSECOND = dt.timedelta(microseconds=1)
+_NUMBERS = (int, float)  # a metric value in columns is exactly one of these (not bool)
+_RECORD_HEAD = struct.Struct(">IQI")
+_CRC = struct.Struct(">I")
+_crc32 = zlib.crc32
+_time_ns = time.time_ns
+_METRICS = Kind.METRICS.value
 
 
 @dataclass(frozen=True)
@@ -59,9 +89,13 @@ class JournalWriter:
         self._mutex = threading.Lock()
         self._fd = -1
         self._size = 0
+        self._segment = 0  # first seq of the segment being appended to
+        self._columns = True  # whether that segment's version has the metric column payload
         self._next_seq = 0
         self._dirty = False
         self._failure: OSError | None = None
+        self._unusable = False  # closed or failed: the fast path's one check
+        self._packer = codec.metric_packer()
         self._warned: set[str] = set()
         self._closed = threading.Event()
         self._committer = threading.Thread(target=self._group_commit, name=f"runrelay-commit-{run[:8]}", daemon=True)
@@ -112,28 +146,33 @@ class JournalWriter:
         run_dir = journal.run_dir(check_run_uid(run))
         lock_fd = _lock(run_dir)
         try:
-            check = journal.verify(run)
-            if check.corrupt:
-                raise check.corrupt
+            segment, offset, next_seq = _end_from_hint(journal, run, lock_fd) or _end_from_scan(journal, run)
         except (JournalCorrupt, OSError):
             os.close(lock_fd)
             raise
         writer = cls(journal, run, lock_fd, durability, segment_bytes)
-        end = check.end
-        if check.records == 0:
-            for stale in run_dir.glob("*.seg"):
-                stale.unlink()
-            writer._open_segment(0)
-        else:
-            for later in run_dir.glob("*.seg"):  # verify passed: only a torn, empty segment can follow
-                if later.name > segment_name(end.segment):
-                    later.unlink()
-            path = run_dir / segment_name(end.segment)
-            writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            os.ftruncate(writer._fd, end.offset)
-            os.fsync(writer._fd)
-            writer._size = end.offset
-            writer._next_seq = end.seq
+        try:
+            if next_seq == 0:
+                for stale in run_dir.glob("*.seg"):
+                    stale.unlink()
+                writer._open_segment(0)
+            else:
+                for later in run_dir.glob("*.seg"):  # checked: only a torn, empty segment can follow
+                    if later.name > segment_name(segment):
+                        later.unlink()
+                path = run_dir / segment_name(segment)
+                writer._fd = os.open(path, os.O_RDWR | os.O_APPEND)
+                writer._columns = segment_version(os.pread(writer._fd, SEGMENT_HEADER_SIZE, 0)) >= 2
+                os.ftruncate(writer._fd, offset)
+                os.fsync(writer._fd)
+                writer._segment, writer._size, writer._next_seq = segment, offset, next_seq
+                writer._store_hint()
+        except BaseException:
+            writer._unusable = True
+            if writer._fd >= 0:
+                os.close(writer._fd)
+            os.close(lock_fd)
+            raise
         writer._committer.start()
         return writer
 
@@ -151,19 +190,50 @@ class JournalWriter:
             payload = codec.encode(record)
         except codec.EncodeError:
             payload = self._encode_marked(record)
+        if len(payload) > MAX_PAYLOAD:
+            raise JournalWriteError(f"run {self.run}: a {kind.value} event of {len(payload)} bytes exceeds the "
+                                    f"{MAX_PAYLOAD}-byte limit of one journal record; nothing was journaled")
         with self._mutex:
             self._check_usable()
             seq = self._next_seq
-            record = encode_record(seq, payload)
-            if self._size > SEGMENT_HEADER_SIZE and self._size + len(record) > self._segment_bytes:
-                self._rotate(seq)
-            self._write(record)
+            self._put(encode_record(seq, payload))
             self._next_seq = seq + 1
             if kind.is_lifecycle and self._durability.fsync_lifecycle:
                 self._fsync()
             else:
                 self._dirty = True
         return seq
+
+    def append_metric(self, name: str, step: int, value: Any, timestamp: dt.datetime | None = None,
+                      time_us: int | None = None) -> int:
+        """Journal one metric point, the ``metrics`` event ``{name, step, value, timestamp}``,
+        and return its seq: the same event ``append`` would journal, on the fast path (the
+        column payload) when the point fits it, else through ``append``."""
+        if type(timestamp) is dt.datetime and timestamp.tzinfo is None:
+            stamp = (timestamp - _EPOCH) // _MICROSECOND
+        elif timestamp is None:
+            stamp = None
+        else:
+            stamp = False
+        if stamp is not False and type(name) is str and type(step) is int and type(value) in _NUMBERS:
+            when = _time_ns() // 1000 if time_us is None else time_us
+            with self._mutex:
+                if self._unusable:
+                    self._check_usable()
+                if self._columns:
+                    seq = self._next_seq
+                    try:
+                        payload = self._packer.pack((_METRICS, when, name, step, value, stamp))
+                    except (ValueError, OverflowError):  # an int beyond 64 bits, a str UTF-8 cannot hold
+                        payload = b""
+                    if 0 < len(payload) <= MAX_PAYLOAD:
+                        head = _RECORD_HEAD.pack(len(payload), seq, _crc32(payload))
+                        self._put(head + _CRC.pack(_crc32(head)) + payload)
+                        self._next_seq = seq + 1
+                        self._dirty = True
+                        return seq
+        body = {"name": name, "step": step, "value": value, "timestamp": timestamp}
+        return self.append(Kind.METRICS, body, time_us)
 
     def _encode_marked(self, record: list) -> bytes:
         body, problems = codec.journalable(record[2])
@@ -191,6 +261,7 @@ class JournalWriter:
         if self._closed.is_set():
             return
         self._closed.set()
+        self._unusable = True
         self._committer.join()
         with self._mutex:
             try:
@@ -223,10 +294,15 @@ class JournalWriter:
         if self._failure is not None:
             raise JournalWriteError(f"run {self.run}: journal unusable after an fsync failure: {self._failure}")
 
-    def _write(self, record: bytes) -> None:
+    def _put(self, record: bytes) -> None:
+        """Write one framed record, starting a new segment first if it would overflow this one."""
+        if self._size + len(record) > self._segment_bytes and self._size > SEGMENT_HEADER_SIZE:
+            self._rotate(self._next_seq)
         start = self._size
         try:
-            write_all(self._fd, record)
+            written = os.write(self._fd, record)
+            if written != len(record):  # a regular file may take a write in parts
+                write_all(self._fd, memoryview(record)[written:])
         except OSError as error:
             self._undo_partial_write(start)
             raise JournalWriteError(f"run {self.run}: could not append to the journal: {error}") from error
@@ -238,6 +314,7 @@ class JournalWriter:
             os.ftruncate(self._fd, start)
         except OSError as error:
             self._failure = error
+            self._unusable = True
 
     def _fsync(self) -> None:
         try:
@@ -245,8 +322,18 @@ class JournalWriter:
         except OSError as error:
             # After a failed fsync the page cache state is unknown: stop writing (as PostgreSQL does).
             self._failure = error
+            self._unusable = True
             raise JournalWriteError(f"run {self.run}: fsync of the journal failed: {error}") from error
         self._dirty = False
+        self._store_hint()
+
+    def _store_hint(self) -> None:
+        """Record in writer.lock where the durable records end, for ``resume``. Advisory: a
+        hint that cannot be written is simply not there (resume then checks every record)."""
+        try:
+            os.pwrite(self._lock_fd, encode_resume_hint(self._segment, self._size, self._next_seq), 0)
+        except OSError:
+            pass
 
     def _rotate(self, first_seq: int) -> None:
         self._fsync()
@@ -271,7 +358,9 @@ class JournalWriter:
             raise JournalWriteError(f"run {self.run}: could not create segment {path}: {error}") from error
         self._fd = fd
         self._size = len(header)
-        self._next_seq = first_seq
+        self._segment = self._next_seq = first_seq
+        self._columns = True
+        self._store_hint()
 
     def _group_commit(self) -> None:
         while not self._closed.wait(self._durability.group_commit_seconds):
@@ -281,6 +370,43 @@ class JournalWriter:
                         self._fsync()
                     except JournalWriteError:
                         pass  # recorded in self._failure; the next append reports it
+
+
+def _end_from_hint(journal: Journal, run: str, lock_fd: int) -> tuple[int, int, int] | None:
+    """(segment, offset, next seq) where a resumed writer appends, checked from the resume
+    hint on (docs/journal-format.md); None when there is no usable hint."""
+    hint = decode_resume_hint(os.pread(lock_fd, RESUME_HINT_SIZE, 0))
+    segments = journal._segments(run)
+    if hint is None or not segments or hint[0] != segments[-1]:
+        return None
+    segment, offset, seq = hint
+    name = segment_name(segment)
+    with _mapped(journal.run_dir(run) / name) as data:
+        if not SEGMENT_HEADER_SIZE <= offset <= len(data):
+            return None
+        problem = check_segment_header(data, run, segment)
+        if problem:
+            raise JournalCorrupt(run, name, 0, problem)
+        scan = SegmentScan()
+        next_seq = seq
+        for record_seq, _payload, _end in scan_segment(data, run, segment, offset, True, scan):
+            if record_seq != next_seq:
+                if next_seq == seq:  # the hint does not name this record: check everything
+                    return None
+                raise JournalCorrupt(run, name, _end - len(_payload), f"expected seq {next_seq}, found {record_seq}")
+            next_seq = record_seq + 1
+    if scan.damage and not scan.damage.torn:
+        raise JournalCorrupt(run, name, scan.damage.offset, scan.damage.reason)
+    return segment, scan.end, next_seq
+
+
+def _end_from_scan(journal: Journal, run: str) -> tuple[int, int, int]:
+    """(segment, offset, next seq) after every record's checksums are checked; raises
+    JournalCorrupt for damage that is not a torn tail."""
+    segment, offset, next_seq = 0, 0, 0
+    for _seq, _payload, _name, _offset, position in journal._records(run, 0, _Outcome()):
+        segment, offset, next_seq = position.segment, position.offset, position.seq
+    return segment, offset, next_seq
 
 
 def _lock(run_dir: Path) -> int:

@@ -15,6 +15,7 @@ import pytest
 from runrelay.eventlog import codec
 from runrelay.eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
 from runrelay.eventlog.events import check_run_uid, new_run_uid
+from runrelay.eventlog.reader import _Outcome
 from runrelay.eventlog.writer import writer_alive
 
 
@@ -228,3 +229,60 @@ def test_producers_and_the_daemon_share_one_journal_location_rule(tmp_path):
     for environ, expected in cases:
         assert default_journal_dir(environ) == expected
         assert load(None, {}, environ=environ).journal == expected
+
+
+def test_a_metric_point_reads_back_the_same_on_the_fast_path_or_not(journal_dir):
+    stamp = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
+    aware = stamp.replace(tzinfo=dt.timezone.utc)
+    points = [("loss", 0, 0.5, stamp), ("loss", 1, 3, None), ("loss", 2, math.nan, stamp), ("big", 3, 2**70, stamp),
+              ("aware", 4, 1.0, aware), ("flag", 5, True, stamp), ("caf\udce9", 6, 1.0, stamp)]
+    with JournalWriter.create(journal_dir) as writer:
+        for name, step, value, timestamp in points:
+            writer.append_metric(name, step, value, timestamp)
+    events = list(Journal(journal_dir).events(writer.run))
+    assert [e.kind for e in events] == [Kind.METRICS] * len(points)
+    for event, (name, step, value, timestamp) in zip(events[:6], points):
+        assert event.body.keys() == {"name", "step", "value", "timestamp"}
+        assert (event.body["name"], event.body["step"], event.body["timestamp"]) == (name, step, timestamp)
+        assert type(event.body["value"]) is type(value) and (event.body["value"] == value or math.isnan(value))
+    assert events[-1].body["name"] == "caf\\udce9"  # journaled with a marker, as append does
+
+
+def test_resume_checks_from_the_hint_and_without_it_checks_everything(journal_dir):
+    with JournalWriter.create(journal_dir, segment_bytes=1024) as writer:
+        for step in range(100):
+            writer.append_metric("x", step, 1.0)
+    run_dir = journal_dir / writer.run
+    newest = max(run_dir.glob("*.seg"))
+    with open(newest, "ab") as f:
+        f.write(b"\x00\x00\x01")  # a torn record header after the hint
+    with JournalWriter.resume(journal_dir, writer.run, segment_bytes=1024) as resumed:
+        assert resumed.append(Kind.DIED, {"reason": "test"}) == 100
+    hint = bytearray((run_dir / "writer.lock").read_bytes())
+    hint[3] ^= 1  # a damaged hint is ignored: every record is checked
+    (run_dir / "writer.lock").write_bytes(bytes(hint))
+    oldest = min(run_dir.glob("*.seg"))
+    data = bytearray(oldest.read_bytes())
+    data[60] ^= 0xFF
+    oldest.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt):
+        JournalWriter.resume(journal_dir, writer.run)
+
+
+def test_resuming_a_version_1_run_writes_version_1_shapes_in_its_segment(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "journal" / "clean"  # written by version 1
+    shutil.copytree(fixture, tmp_path / "clean")
+    run = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"
+    with JournalWriter.resume(tmp_path / "clean", run) as writer:
+        assert writer.append_metric("loss", 10, 0.1) == 10
+    journal = Journal(tmp_path / "clean")
+    assert journal.verify(run).ok
+    [segment] = (tmp_path / "clean" / run).glob("*.seg")
+    assert segment.read_bytes()[8:10] == b"\x00\x01"
+    payloads = [payload for _, payload, *_ in journal._records(run, 0, _Outcome())]
+    assert len(codec.decode(payloads[-1])) == 3  # [kind, time, body]: no column payload in a v1 segment
+    last = list(journal.events(run))[-1]
+    assert last.body == {"name": "loss", "step": 10, "value": 0.1, "timestamp": None}

@@ -1,4 +1,6 @@
-"""Checked-in damaged journals (tests/fixtures/journal, made by make.py) read as the format doc says."""
+"""Checked-in damaged journals (tests/fixtures/journal, made by make.py) read as the format doc says,
+in every format version: the cases at the top of tests/fixtures/journal are journals the version 1
+writer made (other tests use them too), those in v2/ the current writer's."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 from runrelay.eventlog import Journal, JournalCorrupt, JournalWriter, Kind
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
+VERSIONS = {"v1": FIXTURES, "v2": FIXTURES / "v2"}
 RUN = "0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"
 
 # case -> (good events delivered, outcome): "ok", "torn" (normal end of a crashed writer) or "corrupt"
@@ -29,14 +32,31 @@ EXPECTED = {
 }
 
 
+CASES = [(version, case) for version in VERSIONS for case in sorted(EXPECTED)]
+
+
+def expected(version: str, case: str) -> tuple[int, str]:
+    return EXPECTED_V2.get(case, EXPECTED[case]) if version == "v2" else EXPECTED[case]
+
+# v2's metric records are shorter, so more of them fit in the 400-byte segments of these two
+EXPECTED_V2 = {"torn_old_segment": (5, "corrupt"), "missing_segment": (6, "corrupt")}
+
+
 def test_every_fixture_has_an_expectation():
-    assert sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) == sorted(EXPECTED)
+    assert sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) == sorted([*EXPECTED, "v2"])
+    assert sorted(p.name for p in VERSIONS["v2"].iterdir() if p.is_dir()) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("case", sorted(EXPECTED))
-def test_fixture_reads_as_documented(case):
-    good, outcome = EXPECTED[case]
-    journal = Journal(FIXTURES / case)
+def test_the_fixtures_are_of_their_version():
+    for version, place in VERSIONS.items():
+        for segment in (place / "clean" / RUN).glob("*.seg"):
+            assert segment.read_bytes()[8:10] == int(version[1:]).to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("version, case", CASES)
+def test_fixture_reads_as_documented(version, case):
+    good, outcome = expected(version, case)
+    journal = Journal(VERSIONS[version] / case)
     check = journal.verify(RUN)
     assert check.records == good
     assert (check.corrupt is not None) == (outcome == "corrupt")
@@ -52,18 +72,18 @@ def test_fixture_reads_as_documented(case):
         assert event.body["value"] == 1.0 / event.seq  # never a damaged byte
 
 
-@pytest.mark.parametrize("case", sorted(c for c, (_, outcome) in EXPECTED.items() if outcome == "torn"))
-def test_a_torn_tail_is_cut_when_the_run_is_resumed(case, tmp_path):
-    shutil.copytree(FIXTURES / case, tmp_path / case)
-    good, _ = EXPECTED[case]
+@pytest.mark.parametrize("version, case", [(v, c) for v, c in CASES if EXPECTED[c][1] == "torn"])
+def test_a_torn_tail_is_cut_when_the_run_is_resumed(version, case, tmp_path):
+    shutil.copytree(VERSIONS[version] / case, tmp_path / case)
+    good, _ = expected(version, case)
     with JournalWriter.resume(tmp_path / case, RUN) as writer:
         assert writer.append(Kind.DIED, {"reason": "writer gone"}) == good
     check = Journal(tmp_path / case).verify(RUN)
     assert check.ok and check.torn is None and check.records == good + 1
 
 
-@pytest.mark.parametrize("case", sorted(c for c, (_, outcome) in EXPECTED.items() if outcome == "corrupt"))
-def test_a_corrupt_run_is_never_resumed(case, tmp_path):
-    shutil.copytree(FIXTURES / case, tmp_path / case)
+@pytest.mark.parametrize("version, case", [(v, c) for v, c in CASES if EXPECTED[c][1] == "corrupt"])
+def test_a_corrupt_run_is_never_resumed(version, case, tmp_path):
+    shutil.copytree(VERSIONS[version] / case, tmp_path / case)
     with pytest.raises(JournalCorrupt):
         JournalWriter.resume(tmp_path / case, RUN)
