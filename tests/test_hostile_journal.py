@@ -369,3 +369,306 @@ def test_an_undecodable_first_record_is_that_runs_corruption(place):
     raw_run(place.journal, {0: segment(garbage, 0, [b"\xc1\xc1\xc1", completed_payload()])}, garbage)
     check_isolated(place, good, [newer, garbage])
     daemon_delivers_and_stays(place, good)
+
+
+# --- the acceptance: a generated hostile journal beside healthy runs ---------------------------
+
+HOSTILE_CASES = int(os.environ.get("RUNRELAY_HOSTILE_CASES", "1000"))
+BAIT = "BAIT-7f3c"  # in every file outside the journal a symlink points to: never in the sink or the state
+ODD_NAMES = ["x", ".seg", "0.seg", "0000000000000000000.seg", "000000000000000000000.seg", "00000000000000000001.seg.tmp",
+             "0000000000000000000a.seg", ".tmp-123-abc", "writer.lock.x", " ", "-", "\udcff.seg", "blobs.old", "\n"]
+
+
+class Case:
+    """One generated run and what must become of it: ``named`` by status (its damage), or not."""
+
+    def __init__(self, run: str, kind: str, named: bool, letters: bool = False):
+        self.run, self.kind, self.named, self.letters = run, kind, named, letters
+
+
+def _records(rng, run_count: int) -> list[bytes]:
+    payloads = [started_payload({"n": run_count, "nested": {"list": [1, 2.5, None], "flag": True}})]
+    payloads += [metric_payload(step) for step in range(rng.randint(2, 8))]
+    return payloads + [completed_payload()]
+
+
+def _split(run: str, payloads: list[bytes], parts: int) -> dict[int, bytes]:
+    """The run's records in ``parts`` segments (at least one record each)."""
+    cuts = sorted({0, *range(1, len(payloads))[: parts - 1]})
+    bounds = [*cuts, len(payloads)]
+    return {first: segment(run, first, payloads[first:end]) for first, end in zip(bounds, bounds[1:])}
+
+
+def _last_record_start(data: bytes, count: int) -> int:
+    """Where the last of ``count`` records of a segment starts."""
+    offset = 40
+    for _ in range(count - 1):
+        offset += 20 + int.from_bytes(data[offset:offset + 4], "big")
+    return offset
+
+
+def _odd_names(rng, run_dir: Path) -> None:
+    """Junk the reader must pass over: odd names beside a healthy run's segments."""
+    for name in rng.sample(ODD_NAMES, rng.randint(0, 3)):
+        path = run_dir / name
+        choice = rng.random()
+        try:
+            if choice < 0.4:
+                path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+            elif choice < 0.6:
+                os.mkfifo(path)
+            elif choice < 0.8:
+                path.mkdir()
+            else:
+                path.symlink_to("/etc/passwd")
+        except (FileExistsError, ValueError, OSError):
+            pass
+
+
+def make_case(rng, journal: Path, outside: Path, index: int) -> Case:
+    """One damaged (or torn) run, its damage chosen by ``rng``."""
+    run = new_run_uid()
+    payloads = _records(rng, index)
+    kinds = ["flip", "truncate_old", "missing_first", "missing_middle", "fifo", "directory", "symlink_segment",
+             "symlink_run", "stray_entry", "unknown_kind", "garbage", "nested", "seq_beyond", "empty_first",
+             "other_run", "seq_mismatch", "torn", "malformed", "blob", "chmod"]
+    if os.geteuid() == 0:
+        kinds.remove("chmod")  # root reads it anyway (the unprivileged case has its own test)
+    kind = rng.choice(kinds)
+    parts = rng.randint(2, 3)
+    if kind == "flip":  # bit flips anywhere but the newest segment's last payload (that is a torn tail)
+        segments = _split(run, payloads, parts)
+        firsts = sorted(segments)
+        first = rng.choice(firsts)
+        data = bytearray(segments[first])
+        count = (firsts + [len(payloads)])[firsts.index(first) + 1] - first
+        limit = _last_record_start(bytes(data), count) + 20 if first == firsts[-1] else len(data)
+        for position, bit in {(rng.randrange(limit), rng.randrange(8)) for _ in range(rng.randint(1, 3))}:
+            data[position] ^= 1 << bit
+        segments[first] = bytes(data)
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind == "truncate_old":
+        segments = _split(run, payloads, parts)
+        first = sorted(segments)[0]
+        segments[first] = segments[first][: rng.randrange(1, len(segments[first]))]
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind in ("missing_first", "missing_middle"):
+        segments = _split(run, payloads, 3)
+        del segments[sorted(segments)[0 if kind == "missing_first" else 1]]
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind in ("fifo", "directory"):
+        target = rng.choice([*range(parts), len(payloads) - 1])  # in place of a segment, or at the next name
+        if target == len(payloads) - 1:  # of a live run (a delivered ending is never read again)
+            payloads = payloads[:-1]
+        segments = _split(run, payloads, parts)
+        segments.pop(target, None)
+        raw_run(journal, segments, run)
+        path = journal / run / segment_name(target)
+        os.mkfifo(path) if kind == "fifo" else path.mkdir()
+        return Case(run, kind, named=True)
+    if kind == "symlink_segment":
+        segments = _split(run, payloads, parts)
+        target = rng.choice(sorted(segments))
+        bait = outside / f"{run}-{target}"  # good records, that would put BAIT into the sink if read
+        bait_payloads = [payload("metrics", {"name": BAIT, "step": seq, "value": 1.0, "timestamp": START})
+                         if seq else started_payload({"bait": BAIT}) for seq in range(len(payloads))]
+        bait.write_bytes(_split(run, bait_payloads, parts)[target])
+        del segments[target]
+        raw_run(journal, segments, run)
+        (journal / run / segment_name(target)).symlink_to(bait)
+        return Case(run, kind, named=True)
+    if kind == "symlink_run":
+        raw_run(outside, _split(run, [started_payload({"bait": BAIT}), completed_payload()], 1), run)
+        (journal / run).symlink_to(outside / run)
+        return Case(run, kind, named=True)
+    if kind == "stray_entry":
+        path = journal / run
+        choice = rng.randrange(3)
+        if choice == 0:
+            path.write_bytes(b"not a run")
+        elif choice == 1:
+            os.mkfifo(path)
+        else:
+            path.symlink_to(outside / "nowhere")
+        return Case(run, kind, named=True)
+    if kind in ("unknown_kind", "garbage", "nested", "malformed"):
+        where = rng.randrange(len(payloads))
+        payloads[where] = {"unknown_kind": payload("teleported", {"to": "mars"}), "garbage": b"\xc1" * rng.randint(1, 9),
+                           "nested": nested_started(rng.randint(401, 1200)),
+                           "malformed": payload("metrics", {"name": "loss", "step": [1], "value": "x"})}[kind]
+        return Case(raw_run(journal, _split(run, payloads, parts), run), kind, named=kind != "malformed",
+                    letters=kind == "malformed")
+    if kind == "seq_beyond":
+        segments = _split(run, payloads, parts)
+        beyond = rng.choice([2**63 - 1, 2**63, 2**64 - 1, 10**20 - 1])
+        segments[beyond] = segment(run, beyond % 2**64, [completed_payload()]) if beyond < 2**64 else b"x"
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind == "empty_first":
+        segments = {0: segment(run, 0, []), 5: segment(run, 5, payloads[:3])}
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind == "other_run":
+        segments = _split(run, payloads, parts)
+        target = rng.choice(sorted(segments))
+        segments[target] = segment(new_run_uid(), target, payloads[target:target + 1])
+        return Case(raw_run(journal, segments, run), kind, named=True)
+    if kind == "seq_mismatch":
+        payloads_seqs = list(range(len(payloads)))
+        where = rng.randrange(1, len(payloads))
+        payloads_seqs[where] += rng.choice([-1, 1, 2, 1000])
+        data = encode_segment_header(run, 0) + b"".join(encode_record(seq, body) for seq, body
+                                                          in zip(payloads_seqs, payloads))
+        return Case(raw_run(journal, {0: data}, run), kind, named=True)
+    if kind == "torn":  # a crashed writer's end: normal, never named; the records before it delivered
+        segments = _split(run, payloads, parts)
+        last = max(segments)
+        segments[last] = segments[last][: rng.randrange(1, len(segments[last]))]
+        return Case(raw_run(journal, segments, run), kind, named=False)
+    if kind == "blob":  # a damaged, odd or outward blob: the artifact is dead-lettered, the run delivered
+        blob_digest = "ab" * 32
+        artifact = payload("artifact", {"name": "model.bin", "filename": "model.bin", "digest": blob_digest,
+                                        "md5": "cd" * 16, "size": 5, "metadata": None, "content_type": None})
+        raw_run(journal, _split(run, [*payloads[:-1], artifact, payloads[-1]], parts), run)
+        blobs = journal / run / "blobs"
+        choice = rng.randrange(4)
+        if choice == 3:
+            (outside / f"{run}-blobs").mkdir()
+            (outside / f"{run}-blobs" / blob_digest).write_text(BAIT)
+            blobs.symlink_to(outside / f"{run}-blobs")
+        else:
+            blobs.mkdir()
+            if choice == 0:
+                (blobs / blob_digest).write_text(BAIT)  # bytes with another digest
+            elif choice == 1:
+                os.mkfifo(blobs / blob_digest)
+            else:
+                (outside / f"{run}-blob").write_text(BAIT)
+                (blobs / blob_digest).symlink_to(outside / f"{run}-blob")
+        return Case(run, kind, named=False, letters=True)
+    assert kind == "chmod"
+    raw_run(journal, _split(run, payloads, parts), run)
+    os.chmod(journal / run / segment_name(rng.choice([0, 1])) if rng.random() < 0.5 else journal / run, 0)
+    return Case(run, kind, named=True)
+
+
+def healthy_run(rng, journal: Path, files: Path) -> tuple[str, dict, int]:
+    """A run by the real writer (several segments, an artifact, odd names beside); its config and points."""
+    config = {"lr": rng.random(), "layers": [rng.randint(1, 64) for _ in range(3)], "name": f"run {rng.random()}"}
+    points = rng.randint(0, 300)
+    model = files / f"model-{rng.random()}.bin"
+    model.write_bytes(os.urandom(rng.randint(0, 4096)))
+    with JournalWriter.create(journal, segment_bytes=rng.choice([1024, 4096, 1 << 20])) as writer:
+        writer.append(Kind.STARTED, {"config": config, "command": "main", "start_time": START})
+        for step in range(points):
+            writer.append(Kind.METRICS, {"name": "loss", "step": step, "value": rng.random(), "timestamp": START})
+        writer.append(Kind.ARTIFACT, {"name": "model.bin", "filename": str(model), **writer.store_file(model),
+                                      "metadata": None, "content_type": None})
+        writer.append(Kind.COMPLETED, {"stop_time": START, "result": 1.0})
+    _odd_names(rng, journal / writer.run)
+    return writer.run, config, points
+
+
+def reader_survives(journal: Journal, run: str) -> None:
+    """Every read of one run ends, within a bound, in events or JournalCorrupt / UnknownRun."""
+    def hung(signum, frame):
+        raise TimeoutError(f"reading run {run} hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        journal.verify(run, blobs=True)
+        journal.count(run, decode=True)
+        journal.read_batch(run, 0, 1000)
+        journal.bytes_after(run, journal.read_batch(run, 0, 1000).end)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _hostile_journal(place: Place, tmp_path: Path, cases: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    files = tmp_path / "files"
+    files.mkdir()
+    os.mkfifo(outside / "nowhere")  # a symlink followed there would hang
+    generated = [make_case(rng, place.journal, outside, index) for index in range(cases)]
+    healthy = [healthy_run(rng, place.journal, files) for _ in range(max(20, cases // 20))]
+    for name in rng.sample(ODD_NAMES, 5):  # junk at the top too
+        try:
+            (place.journal / name).write_bytes(b"junk")
+        except (OSError, ValueError):
+            pass
+
+    journal = Journal(place.journal)
+    started = time.monotonic()
+    for run in journal.runs():
+        reader_survives(journal, run)
+    reading = time.monotonic() - started
+
+    bound = {"timeout": CASE_SECONDS + 0.2 * cases}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "runrelay.daemon.cli", "sync", "--no-progress", "--journal", str(place.journal),
+         "--state", str(place.state), "--sink", place.url], capture_output=True, text=True,
+        env={"RUNRELAY_HOME": str(place.root), "PATH": "/usr/bin:/bin"}, **bound)
+    syncing = time.monotonic() - started
+    no_traceback(result)
+    assert result.returncode == 1, result.stderr[-3000:]  # corrupt runs and dead letters are left undelivered
+
+    with sqlite3.connect(place.database) as db:
+        stored = {uid: (status, config and json.loads(config)) for uid, status, config in db.execute(
+            "SELECT uid, status, config FROM run JOIN runrelay_run USING (run_id)")}
+        points = dict(db.execute("SELECT uid, count(*) FROM metric JOIN runrelay_run USING (run_id) GROUP BY uid"))
+        artifacts = {uid for (uid,) in db.execute(
+            "SELECT DISTINCT uid FROM artifact JOIN runrelay_run USING (run_id)")}
+    for run, config, count in healthy:  # exactly as journaled
+        assert stored[run] == ("COMPLETED", config), run
+        assert points.get(run, 0) == count, run
+        assert run in artifacts
+    for case in generated:  # each damaged run: its good records, never more
+        good = _good_points(journal, case.run)
+        assert points.get(case.run, 0) == good, (case.kind, case.run, result.stderr[-2000:])
+
+    status = place.runrelay("status", "--json")
+    no_traceback(status)
+    [sink] = json.loads(status.stdout)["sinks"]
+    named = set(sink["corrupt_runs"])
+    for case in generated:
+        assert (case.run in named) == case.named, (case.kind, case.run, sink["corrupt_runs"].get(case.run))
+    assert not named & {run for run, _, _ in healthy}
+    letters = {letter["run"] for letter in json.loads(place.runrelay("dlq", "list", "--json").stdout)}
+    assert {case.run for case in generated if case.letters} <= letters
+    assert not letters & {run for run, _, _ in healthy}
+
+    for path in [place.database, *place.state.rglob("*")]:  # nothing from outside the journal was read
+        if path.is_file():
+            assert BAIT.encode() not in path.read_bytes(), path
+    print(f"{cases} hostile runs and {len(healthy)} healthy ones: read in {reading:.1f} s, synced in "
+          f"{syncing:.1f} s; kinds {sorted({case.kind for case in generated})}")
+
+
+def _good_points(journal: Journal, run: str) -> int:
+    """How many well-formed metric points the reader yields before any damage."""
+    from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+
+    batch_points = 0
+    try:
+        batch = journal.read_batch(run, 0, 1_000_000)
+    except UnknownRun:
+        return 0
+    batch_points = len(batch.points)
+    assert batch.corrupt is None or isinstance(batch.corrupt, JournalCorrupt)
+    return batch_points
+
+
+def test_a_hostile_journal_never_stops_delivery(place, tmp_path):
+    """≥ 1,000 generated runs, each with one kind of damage or hostile value, beside healthy
+    runs (seeded: RUNRELAY_HOSTILE_SEED; RUNRELAY_HOSTILE_CASES for more)."""
+    _hostile_journal(place, tmp_path, HOSTILE_CASES, int(os.environ.get("RUNRELAY_HOSTILE_SEED", "8")))
+
+
+@pytest.mark.slow
+def test_a_large_hostile_journal_never_stops_delivery(place, tmp_path):
+    _hostile_journal(place, tmp_path, 10 * HOSTILE_CASES, 88)
