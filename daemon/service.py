@@ -412,7 +412,10 @@ def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> RedriveRep
     if unconfigured:
         raise UserError(f"sink(s) {', '.join(unconfigured)} not configured here: give them with --sink or "
                         "the config file, so their letters can be re-driven")
-    store = StateStore.open(config.state)
+    try:
+        store = StateStore.open(config.state)
+    except StateUnavailable as error:
+        raise UserError(f"{error} (state {config.state}): free space on its disk") from None
     try:
         for name, letters in chosen.items():
             store.request_redrive(name, [letter.id for letter in letters])
