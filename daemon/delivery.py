@@ -9,18 +9,23 @@ broken run never holds up the others:
   batch is applied without it (``apply_isolating``, the one place that finds the culprit);
 - a sink that cannot work as configured is said once and re-checked slowly;
 - a corrupt journal stops that run only: its good events are delivered, the damage is
-  logged and shown by ``runrelay status``;
+  logged and shown by ``runrelay status``; a run that cannot be read (no permission, an
+  odd file where a segment belongs) is skipped the same way, and tried again each pass;
 - dead letters that ``runrelay dlq retry`` asked for are re-driven between passes, through
-  the sink's ``redeliver``.
+  the sink's ``redeliver``;
+- a state disk that cannot take a write (full, failing) is waited for: said once, and once
+  when it passes (one-shot mode gives up after the policy's budget).
 Anything else a sink raises is a bug: the worker records it and crashes, visibly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import heapq
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Callable, Sequence
@@ -28,10 +33,11 @@ from typing import Callable, Sequence
 from runrelay.daemon import retry
 from runrelay.daemon.config import Delivery, RetryPolicy
 from runrelay.daemon.dlq import DeadLetters, Letter
-from runrelay.daemon.state import Cursor, StateStore
+from runrelay.daemon.state import Cursor, StateStore, StateUnavailable
 from runrelay.daemon.supervisor import Liveness
 from runrelay.eventlog import codec
-from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.codec import EncodeError
+from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import Event, Kind, Points
 from runrelay.eventlog.fold import (
     SETS, MalformedEvent, RunState, fold_changes, fold_event, from_snapshot, metric_point, passed, snapshot,
@@ -142,7 +148,10 @@ class _Run:
 
     cursor: Cursor
     state: RunState | None = None  # folded through cursor.position.seq - 1; built on first need
-    stopped: str | None = None  # why delivery of this run stopped (a corrupt journal)
+    stopped: str | None = None  # why delivery of this run stopped (a corrupt or unreadable journal)
+    unreadable: bool = False  # stopped because it could not be read: tried again each pass
+    reported: str | None = None  # the reason last logged, so that a retried run is logged once
+    output_saved: int | None = None  # how much of state.captured_out the state holds; None: unknown
 
 
 @dataclass
@@ -150,6 +159,7 @@ class Outcome:
     """What a worker left undone, for ``runrelay sync`` and the logs."""
 
     gave_up: str | None = None  # the sink stayed down past the retry budget
+    state: str | None = None  # the state could not be written within the retry budget
     unusable: str | None = None  # the sink cannot work as configured
     stopped_runs: dict[str, str] = field(default_factory=dict)
     redriven: int = 0
@@ -181,6 +191,7 @@ class SinkWorker:
         self.health = retry.SinkHealth(sink.name, store, identity, None if until_us is None else policy.give_up_seconds)
         self.outcome = Outcome()
         self._runs: dict[str, _Run] = {}
+        self._stop = threading.Event()  # run's, once it runs
 
     @property
     def name(self) -> str:
@@ -192,6 +203,7 @@ class SinkWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set (one-shot: until nothing is left)."""
+        self._stop = stop
         try:
             self._runs = {run: _Run(cursor) for run, cursor in self.store.cursors(self.sink.name).items()}
             while not stop.is_set():
@@ -212,6 +224,10 @@ class SinkWorker:
                 self.outcome.gave_up = str(error)
                 log.error("sink %s: giving up after %.0f s of retries: %s", self.sink.name,
                           self.policy.give_up_seconds, error)
+        except StateUnavailable as error:  # likewise: stopping, or past a one-shot's budget
+            if not stop.is_set():
+                self.outcome.state = str(error)
+                log.error("sink %s: giving up after %.0f s: %s", self.sink.name, self.policy.give_up_seconds, error)
         except Exception as error:
             self.health.crashed(error)  # the supervisor logs the traceback
             raise
@@ -220,6 +236,31 @@ class SinkWorker:
 
     def _send(self, function: Callable[[], object], stop: threading.Event):
         return retry.call(function, self.policy, stop, self.health, self.liveness, give_up=self.one_shot)
+
+    def _durably(self, write: Callable[[], object], stop: threading.Event | None = None) -> None:
+        """A state write (cursor, dead letter), waited for while the state's disk cannot take
+        it. A letter must be durable before the rest of its batch is applied, so delivery
+        waits rather than going on without it; the wait backs off as retries do."""
+        stop = stop or self._stop
+        since, delay = None, self.policy.initial_seconds
+        while True:
+            try:
+                write()
+            except StateUnavailable as error:
+                if since is None:
+                    since = time.monotonic()
+                    log.warning("sink %s: %s; delivery waits until it can be written (free space on the state's "
+                                "disk)", self.sink.name, error)
+                if stop.is_set() or (self.one_shot and time.monotonic() - since > self.policy.give_up_seconds):
+                    raise
+                with self.liveness.idle():
+                    stop.wait(delay)
+                delay = min(delay * self.policy.multiplier, self.policy.max_seconds)
+                continue
+            if since is not None:
+                log.info("sink %s: the state takes writes again, after %.1f s", self.sink.name,
+                         time.monotonic() - since)
+            return
 
     def _deliver(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -244,6 +285,9 @@ class SinkWorker:
             if stop.is_set():
                 break
             known = self._runs.setdefault(run, _Run(Cursor()))
+            if known.unreadable:
+                known.stopped, known.unreadable = None, False  # its permissions may be fixed by now
+                self.outcome.stopped_runs.pop(run, None)
             if not known.cursor.done and not known.stopped:
                 delivered |= self._deliver_batch(run, known, stop) > 0
         return delivered
@@ -272,7 +316,7 @@ class SinkWorker:
             known.state = batch.state
             known.cursor.position = records.end
             known.cursor.done = known.state.ended
-            self.store.save_cursor(self.sink.name, run, known.cursor, self._snapshot(known))
+            self._save(run, known, _replaces_output(records.events), stop)
             if known.cursor.done:
                 known.state = None  # nothing more will come: free the memory
             delivered = records.records - (known.cursor.dead_lettered - refused_before)
@@ -295,9 +339,10 @@ class SinkWorker:
                         "delivering again from seq %d", self.sink.name, run, applied, known.cursor.position.seq,
                         applied + 1)
             known.cursor.position = Position(seq=applied + 1)
-            self.store.rewind_cursor(self.sink.name, run, known.cursor)
+            self._durably(lambda: self.store.rewind_cursor(self.sink.name, run, known.cursor), stop)
+            known.output_saved = None
         target = max(known.cursor.position.seq, applied + 1)
-        saved = self._restore(run, known.cursor.position)
+        saved = self._restore(run, known.cursor.position, known)
         if saved is not None and saved.last_seq + 1 == target:
             known.state = saved
             return
@@ -307,7 +352,8 @@ class SinkWorker:
             skipped = position.seq - known.cursor.position.seq
             known.cursor.position = position
             known.cursor.done = known.state.ended
-            self.store.save_cursor(self.sink.name, run, known.cursor)
+            self._durably(lambda: self.store.save_cursor(self.sink.name, run, known.cursor), stop)
+            known.output_saved = None
             self.on_progress(skipped, 0)
 
     def _refold(self, run: str, target: int, state: RunState, position: Position) -> tuple[RunState, Position]:
@@ -328,10 +374,28 @@ class SinkWorker:
                 break
         return state, position
 
-    def _snapshot(self, known: _Run) -> bytes | None:
-        return None if known.cursor.done else codec.encode(snapshot(known.state))
+    def _save(self, run: str, known: _Run, replaced_output: bool, stop: threading.Event) -> None:
+        """Save the cursor with the run's state. Its captured output is written only where it
+        grew since the last save (unless the batch replaced it): a long run's output is
+        saved once, not again at every beat."""
+        saved = self._snapshot(known)
+        output = known.state.captured_out
+        kept = 0 if replaced_output or known.output_saved is None else min(known.output_saved, len(output))
+        self._durably(lambda: self.store.save_cursor(self.sink.name, run, known.cursor, saved, output, kept), stop)
+        known.output_saved = len(output) if saved is not None else None
 
-    def _restore(self, run: str, cursor: Position) -> RunState | None:
+    def _snapshot(self, known: _Run) -> bytes | None:
+        """The state saved with the cursor, its captured output left out (saved beside it)."""
+        if known.cursor.done:
+            return None
+        try:
+            return codec.encode({**snapshot(known.state), "captured_out": ""})
+        except EncodeError as error:  # the snapshot only saves a fold; the cursor is saved without it
+            log.warning("sink %s: run %s: its state cannot be saved with the cursor (%s); a restart folds "
+                        "the journal instead", self.sink.name, known.state.run, error)
+            return None
+
+    def _restore(self, run: str, cursor: Position, known: _Run) -> RunState | None:
         """The state the cursor saved beside ``cursor`` (the run folded up to it), if any."""
         saved = self.store.snapshot(self.sink.name, run)
         if saved is None:
@@ -342,10 +406,18 @@ class SinkWorker:
             log.warning("sink %s: run %s: saved state unreadable (%s); folding the journal instead", self.sink.name,
                         run, error)
             return None
-        return state if state.last_seq + 1 == cursor.seq else None
+        if state.last_seq + 1 != cursor.seq:
+            return None
+        output = self.store.output(self.sink.name, run)
+        if output:
+            state = dataclasses.replace(state, captured_out=output)
+            known.output_saved = len(output)
+        else:  # none saved, or an older snapshot that held it inline: the next save writes it whole
+            known.output_saved = None
+        return state
 
     def _refuse(self, known: _Run, event: Event, reason: str) -> None:
-        self.letters.put(event, reason)
+        self._durably(lambda: self.letters.put(event, reason))
         known.cursor.dead_lettered += 1
         known.cursor.last_error = reason
         log.error("sink %s refused run %s seq %d (%s): %s; kept in the dead-letter queue "
@@ -353,10 +425,13 @@ class SinkWorker:
 
     def _stop_run(self, run: str, known: _Run, corrupt: JournalCorrupt) -> None:
         known.stopped = str(corrupt)
+        known.unreadable = isinstance(corrupt, RunUnreadable)
         known.state = None
         self.outcome.stopped_runs[run] = str(corrupt)
-        log.error("sink %s: stopped delivering run %s after seq %d: %s (check it with runrelay journal verify %s)",
-                  self.sink.name, run, known.cursor.position.seq - 1, corrupt, run)
+        if known.reported != known.stopped:
+            known.reported = known.stopped
+            log.error("sink %s: stopped delivering run %s after seq %d: %s (check it with runrelay journal verify "
+                      "%s)", self.sink.name, run, known.cursor.position.seq - 1, corrupt, run)
 
     def _log_lifecycle(self, run: str, before: RunState, after: RunState) -> None:
         if after.status != before.status:
@@ -371,7 +446,7 @@ class SinkWorker:
             return
         held = [letter for letter in self.letters.letters() if letter.id in requested]
         for gone in requested - {letter.id for letter in held}:
-            self.store.redrive_done(self.sink.name, gone)  # dropped or delivered meanwhile
+            self._durably(lambda: self.store.redrive_done(self.sink.name, gone), stop)  # dropped or delivered meanwhile
         for run, group in groupby(sorted(held, key=lambda letter: (letter.run, letter.seq)), lambda l: l.run):
             group = list(group)
             state = self._redrive_state(run, group, stop)
@@ -385,16 +460,17 @@ class SinkWorker:
             batch = letter_batch(letter.event(), state)
             self._send(lambda: self.sink.redeliver(batch), stop)
         except (PermanentSinkError, MalformedEvent) as error:
-            self.letters.refused_again(letter, str(error))
+            reason = str(error)
+            self._durably(lambda: self.letters.refused_again(letter, reason), stop)
             self.outcome.refused_again += 1
             log.error("sink %s refused dead letter %d (run %s seq %d) again: %s", self.sink.name, letter.id,
                       letter.run, letter.seq, error)
         else:
-            self.letters.delivered(letter)
+            self._durably(lambda: self.letters.delivered(letter), stop)
             self.outcome.redriven += 1
             log.info("sink %s took dead letter %d (run %s seq %d)", self.sink.name, letter.id, letter.run,
                      letter.seq)
-        self.store.redrive_done(self.sink.name, letter.id)
+        self._durably(lambda: self.store.redrive_done(self.sink.name, letter.id), stop)
 
     def _redrive_state(self, run: str, letters: list[Letter], stop: threading.Event) -> RunState:
         """The run folded through what the sink holds, the letters included: from the
@@ -421,6 +497,12 @@ def letter_batch(event: Event, state: RunState) -> Batch:
     if event.kind is Kind.METRICS:
         points.add(*metric_point(event))
     return Batch(event.run, event.seq, event.seq, state, SETS[event.kind], points)
+
+
+def _replaces_output(events: Sequence[Event]) -> bool:
+    """Whether a heartbeat among ``events`` replaces the run's captured output (rather than
+    adding to it): then what the state holds of it is stale."""
+    return any(event.kind is Kind.HEARTBEAT and "captured_out" in event.body for event in events)
 
 
 def _fold_sound(state: RunState, event: Event) -> RunState:

@@ -5,14 +5,17 @@ with the JSON serializer (never pickle). Each letter carries the event itself (i
 MessagePack payload, base64), so it outlives the journal's retention. A delivered or
 dropped letter is acked and cleared. The delivering worker keeps an index of the letters
 by (run, seq), read once when it opens the queue: holding a letter, counting them and
-refusing a duplicate cost O(1) after that.
+refusing a duplicate cost O(1) after that. A queue whose disk cannot take a write (full,
+failing) raises ``daemon.state.StateUnavailable``: the worker waits for it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import persistqueue.serializers.json as json_serializer
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
+from runrelay.daemon.state import unavailable
 from runrelay.eventlog import codec
 from runrelay.eventlog.events import KINDS_BY_VALUE, Event, utc_from_micros
 from runrelay.eventlog.fsutil import make_private_dir
@@ -63,8 +67,10 @@ class DeadLetters:
     def __init__(self, state_dir: Path, sink: str):
         self.sink = sink
         path = queue_dir(state_dir, sink)
-        make_private_dir(path)
-        self._queue = SQLiteAckQueue(str(path), auto_resume=False, serializer=json_serializer, multithreading=True)
+        with _writing():
+            make_private_dir(path)
+            self._queue = SQLiteAckQueue(str(path), auto_resume=False, serializer=json_serializer,
+                                         multithreading=True)
         self._index: dict[tuple[str, int], int] | None = None
 
     @classmethod
@@ -82,10 +88,11 @@ class DeadLetters:
             return
         micros = (event.time - _EPOCH) // dt.timedelta(microseconds=1)
         payload = base64.b64encode(codec.encode([event.kind.value, micros, event.body])).decode("ascii")
-        index[(event.run, event.seq)] = self._queue.put({
-            "sink": self.sink, "run": event.run, "seq": event.seq, "kind": event.kind.value, "reason": reason,
-            "time": _now(), "attempts": 1, "event": payload,
-        })
+        with _writing():
+            index[(event.run, event.seq)] = self._queue.put({
+                "sink": self.sink, "run": event.run, "seq": event.seq, "kind": event.kind.value, "reason": reason,
+                "time": _now(), "attempts": 1, "event": payload,
+            })
 
     def letters(self) -> list[Letter]:
         """Every letter held, oldest first."""
@@ -103,14 +110,16 @@ class DeadLetters:
 
     def delivered(self, letter: Letter) -> None:
         """The sink took it: the letter leaves the queue."""
-        self._queue.ack(id=letter.id)
-        self._queue.clear_acked_data(max_delete=None, keep_latest=None)
+        with _writing():
+            self._queue.ack(id=letter.id)
+            self._queue.clear_acked_data(max_delete=None, keep_latest=None)
         if self._index is not None:
             self._index.pop((letter.run, letter.seq), None)
 
     def refused_again(self, letter: Letter, reason: str) -> None:
-        self._queue.update({**_data(letter), "reason": reason, "time": _now(), "attempts": letter.attempts + 1},
-                           id=letter.id)
+        with _writing():
+            self._queue.update({**_data(letter), "reason": reason, "time": _now(), "attempts": letter.attempts + 1},
+                               id=letter.id)
 
     drop = delivered
 
@@ -121,6 +130,15 @@ class DeadLetters:
         if self._index is None:
             self._index = {(letter.run, letter.seq): letter.id for letter in self.letters()}
         return self._index
+
+
+@contextlib.contextmanager
+def _writing():
+    """A queue write: a full or failing disk is StateUnavailable (waited for), not a crash."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as error:
+        raise unavailable(error) or error
 
 
 def _letter(row: dict) -> Letter:

@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 import tenacity
 
 from runrelay.daemon.config import RetryPolicy
-from runrelay.daemon.state import CRASHED, OK, RETRYING, UNUSABLE, Health, StateStore
+from runrelay.daemon.state import CRASHED, OK, RETRYING, UNUSABLE, Health, StateStore, StateUnavailable
 from runrelay.daemon.supervisor import Liveness
 from runrelay.sinks.base import TransientSinkError
 
@@ -78,7 +78,10 @@ class SinkHealth:
 
     def _save(self, condition: str, identity: str | None = None) -> None:
         self._health.condition = condition
-        self._store.save_health(self.sink, self._health, identity)
+        try:
+            self._store.save_health(self.sink, self._health, identity)
+        except StateUnavailable:
+            pass  # health is for runrelay status only; the worker waits on the state for what matters
 
 
 def call(

@@ -24,7 +24,7 @@ from runrelay.daemon.discovery import Discovery, Doorbell
 from runrelay.daemon.dlq import DeadLetters, Letter
 from runrelay.daemon.errors import EXIT_OK, EXIT_UNDELIVERED, UserError
 from runrelay.daemon.notify import Notifier
-from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore
+from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore, StateUnavailable
 from runrelay.daemon.status import SinkStatus, sink_status
 from runrelay.daemon.supervisor import Supervisor
 from runrelay.eventlog.events import micros_now
@@ -36,6 +36,7 @@ MAIN_TICK_SECONDS = 0.2
 TOTALS_SECONDS = 60.0  # how often the daemon logs what it delivered
 REDRIVE_POLL_SECONDS = 0.2
 STUCK_MARGIN_SECONDS = 30.0  # beyond a sink's call timeout, before a worker counts as stuck
+STATE_WAIT_SECONDS = 5.0  # how often a daemon whose state disk is full tries it again at start
 
 log = logging.getLogger("runrelay")
 
@@ -116,13 +117,15 @@ def run_daemon(config: Config) -> int:
     """Deliver continuously until SIGTERM/SIGINT; 0 after a clean stop."""
     with _Signals() as signals:  # from the start: a SIGTERM during setup is a clean stop too
         journal = open_journal(config, create=True)
-        lock = _lock(config)
+        supervisor = Supervisor()
+        doorbell = Doorbell()
+        setup = _wait_for_state(config, signals, lambda store: [
+            _worker(sink, journal, store, config, doorbell) for sink in config.sinks])
+        if setup is None:
+            return EXIT_OK  # stopped while waiting: nothing was started
+        lock, store, workers = setup
         try:
-            store = StateStore.open(config.state)
-            supervisor = Supervisor()
-            doorbell = Doorbell()
             supervisor.on_stop(doorbell.ring)
-            workers = [_worker(sink, journal, store, config, doorbell) for sink in config.sinks]
             for worker in workers:
                 _supervise(supervisor, worker)
             supervisor.add(Discovery.name, Discovery(journal.root, config.delivery.rescan_seconds, doorbell).run)
@@ -136,6 +139,48 @@ def run_daemon(config: Config) -> int:
         return EXIT_UNDELIVERED
     log.info("stopped; cursors saved")
     return EXIT_OK
+
+
+def _wait_for_state(config: Config, signals: _Signals, make_workers):
+    """The delivery lock, the state and the workers; while the state's disk cannot take them
+    (full, failing), wait (said once) rather than exit: systemd would only start us again
+    into the same full disk. None if a signal came meanwhile."""
+    since = None
+    while signals.received is None:
+        try:
+            lock = _lock(config)
+            try:
+                store = StateStore.open(config.state)
+                try:
+                    return lock, store, make_workers(store)
+                except BaseException:
+                    store.close()
+                    raise
+            except BaseException:
+                lock.release()
+                raise
+        except StateUnavailable as error:
+            if since is None:
+                since = time.monotonic()
+                log.warning("%s (state %s); waiting until it can be written (free space on its disk)", error,
+                            config.state)
+        deadline = time.monotonic() + STATE_WAIT_SECONDS
+        while signals.received is None and time.monotonic() < deadline:
+            time.sleep(MAIN_TICK_SECONDS)
+    return None
+
+
+def _open_state_once(config: Config) -> tuple[DeliveryLock, StateStore]:
+    """The delivery lock and the state for a one-shot command; a full state disk is one line."""
+    try:
+        lock = _lock(config)
+        try:
+            return lock, StateStore.open(config.state)
+        except BaseException:
+            lock.release()
+            raise
+    except StateUnavailable as error:
+        raise UserError(f"{error} (state {config.state}): free space on its disk, or set --state") from None
 
 
 def _serve(config: Config, supervisor: Supervisor, signals: _Signals, workers: list[SinkWorker]) -> bool:
@@ -210,8 +255,7 @@ def run_sync(config: Config, progress: bool = True) -> SyncReport:
     """Deliver everything appended before this call once, then return what is left undelivered."""
     until_us = micros_now()
     journal = open_journal(config)
-    lock = _lock(config)
-    store = StateStore.open(config.state)
+    lock, store = _open_state_once(config)
     try:
         return _run_one_shot(config, journal, store, progress, until_us=until_us)
     finally:
@@ -273,6 +317,8 @@ def _left_undelivered(worker: SinkWorker, supervisor: Supervisor) -> list[str]:
         problems.append(f"{name}: cannot deliver: {worker.outcome.unusable}")
     if worker.outcome.gave_up:
         problems.append(f"{name}: unreachable, gave up: {worker.outcome.gave_up}")
+    if worker.outcome.state:
+        problems.append(f"{name}: gave up: {worker.outcome.state}")
     for run, reason in worker.outcome.stopped_runs.items():
         problems.append(f"{name}: run {run} stopped: {reason}")
     held = len(worker.letters)
@@ -366,7 +412,10 @@ def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> RedriveRep
     if unconfigured:
         raise UserError(f"sink(s) {', '.join(unconfigured)} not configured here: give them with --sink or "
                         "the config file, so their letters can be re-driven")
-    store = StateStore.open(config.state)
+    try:
+        store = StateStore.open(config.state)
+    except StateUnavailable as error:
+        raise UserError(f"{error} (state {config.state}): free space on its disk") from None
     try:
         for name, letters in chosen.items():
             store.request_redrive(name, [letter.id for letter in letters])

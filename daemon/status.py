@@ -1,7 +1,8 @@
 """What is left to deliver, per sink, from the cursors and the journal alone.
 
 Needs no daemon and no sink connection (so it works while a sink is down). It reads
-each unfinished run from its cursor to the end: time proportional to what is pending.
+(and decodes) each unfinished run from its cursor to the end: time proportional to what
+is pending. A run delivery stops at (corrupt, unreadable, undecodable) is named with why.
 A cursor can lag its sink by the last batch after a crash; status then counts that
 batch as pending until the daemon re-sends it (and the sink skips it).
 """
@@ -52,10 +53,10 @@ def sink_status(
         if cursor.done:
             continue
         try:
-            count, corrupt = journal.count(run, cursor.position)
+            count, corrupt = journal.count(run, cursor.position, decode=True)
             first = next(iter(journal.events(run, cursor.position)), None) if count else None
         except UnknownRun:
-            continue
+            continue  # removed meanwhile
         if corrupt:
             status.corrupt_runs[run] = str(corrupt)
         if first is not None and (oldest is None or first.time < oldest):

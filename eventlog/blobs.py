@@ -49,9 +49,14 @@ def store_blob(run_dir: Path, source: str | os.PathLike) -> dict:
     return {"digest": digest, "md5": md5.hexdigest(), "size": size}
 
 
+def is_digest(name: object) -> bool:
+    """True for a SHA-256 hex digest, the only name a blob has."""
+    return isinstance(name, str) and _DIGEST.fullmatch(name) is not None
+
+
 def blob_path(run_dir: Path, digest: str) -> Path:
     """The path of a stored blob; ``digest`` comes from a journal, so it is checked."""
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not is_digest(digest):
         raise ValueError(f"not a blob digest: {digest!r}")
     return run_dir / BLOB_DIR / digest
 

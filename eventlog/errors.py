@@ -26,3 +26,17 @@ class JournalCorrupt(JournalError):
 
 class UnknownRun(JournalError):
     """No journal exists for the given run uid."""
+
+
+class RunUnreadable(JournalCorrupt):
+    """A run's journal cannot be read as it stands (no permission; a symlink, FIFO or other
+    odd file where a run directory or segment belongs). Handled as corruption: that run is
+    reported and skipped, the others go on; it may be readable again once fixed."""
+
+    def __init__(self, run: str, segment: str, reason: str):
+        JournalError.__init__(self, f"run {run}: cannot read its journal{f' at {segment}' if segment else ''}: "
+                                    f"{reason}")
+        self.run = run
+        self.segment = segment
+        self.offset = 0
+        self.reason = reason

@@ -3,30 +3,42 @@
 A torn tail (the writer died mid-append) simply ends a run's events. Corruption
 (a bad checksum before the end) raises JournalCorrupt after every good event
 before it has been yielded; damaged bytes are never returned.
+
+Every name and file in a journal is untrusted: a run directory and each segment and blob
+are opened without following symlinks and only when they are what they must be (a
+directory, a regular file), so a FIFO cannot hang a reader and a symlink cannot lead it
+out of the journal. A run that cannot be read (no permission, an odd file) raises
+RunUnreadable, a JournalCorrupt: that run is reported, the others are read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import mmap
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from runrelay.eventlog import codec
-from runrelay.eventlog.blobs import blob_path
-from runrelay.eventlog.errors import JournalCorrupt, UnknownRun
+from runrelay.eventlog.blobs import BLOB_DIR, blob_path, is_digest
+from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import KINDS_BY_VALUE, Event, Kind, Points, check_run_uid, is_run_uid, utc_from_micros
 from runrelay.eventlog.fold import MalformedEvent, metric_point
-from runrelay.eventlog.format import Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
+from runrelay.eventlog.format import RECORD_HEADER_SIZE, Damage, SegmentScan, scan_segment, segment_first_seq, segment_name
+from runrelay.eventlog.fsutil import NotRegularFile, open_directory, open_regular
 
 FOLLOW_POLL_SECONDS = 0.2
 POINTS_CHUNK = 50_000  # metric points per chunk of ``Journal.points``
 _HASH_CHUNK = 1024 * 1024
+# The next seq (seq + 1) is a cursor in SQLite's signed 64-bit INTEGER: a seq beyond is corruption.
+MAX_SEQ = 2**63 - 2
+# Deeper than this, an event body is corruption: sinks and the state's encoder recurse into
+# values (JSON's encoder stops near 1000 levels, MessagePack's near 511).
+MAX_DEPTH = 400
 
 
 @dataclass(frozen=True, order=True)
@@ -48,10 +60,11 @@ class RunCheck:
     torn: str | None = None  # description of a torn tail, if any
     corrupt: JournalCorrupt | None = None
     end: Position = field(default_factory=Position)
+    blobs: list[str] = field(default_factory=list)  # what is wrong with its blobs (``verify(blobs=True)``)
 
     @property
     def ok(self) -> bool:
-        return self.corrupt is None
+        return self.corrupt is None and not self.blobs
 
 
 @dataclass
@@ -82,12 +95,15 @@ class Journal:
         return self.root / check_run_uid(run)
 
     def runs(self) -> list[str]:
-        """Every run in the journal, oldest first (run uids sort by creation time)."""
+        """Every run in the journal, oldest first (run uids sort by creation time).
+
+        Every entry named like a run uid is one, whatever it is: reading one that is not a
+        directory raises RunUnreadable, so it is reported rather than passed over."""
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(name for name in names if is_run_uid(name) and (self.root / name).is_dir())
+        return sorted(name for name in names if is_run_uid(name))
 
     def blob(self, run: str, digest: str) -> Path:
         return blob_path(self.run_dir(run), digest)
@@ -95,13 +111,36 @@ class Journal:
     def open_blob(self, run: str, digest: str) -> BinaryIO:
         """The blob's bytes, checked against their digest and rewound (``sinks.base.RunSource``).
 
-        Only a regular file inside the run's blob store is opened, never through a symlink.
+        Only a regular file inside the run's own blob store is opened: never through a
+        symlink (the run directory's, ``blobs``' or the blob's own), never a FIFO or device.
+        FileNotFoundError when it is gone; ValueError when it is damaged, odd or unreadable
+        (both permanent for the event naming it: a sink dead-letters it, never retries it).
         """
-        fd = os.open(self.blob(run, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        blob_path(Path(run), digest)  # checks the digest
+        try:
+            run_fd = self._open_run(run)
+        except UnknownRun as gone:
+            raise FileNotFoundError(str(gone)) from None
+        except RunUnreadable as unreadable:
+            raise ValueError(f"blob {digest}: {unreadable}") from None
+        try:
+            blobs_fd = open_directory(BLOB_DIR, dir_fd=run_fd)
+            try:
+                fd = open_regular(digest, dir_fd=blobs_fd)
+            finally:
+                os.close(blobs_fd)
+        except NotRegularFile as odd:
+            raise ValueError(f"blob {digest} of run {run}: {odd}") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"blob {digest} of run {run} is missing") from None
+        except OSError as error:
+            if error.errno not in _PERMANENT_ERRNOS:
+                raise  # EIO and the like: maybe passing
+            raise ValueError(f"blob {digest} of run {run} cannot be read: {error.strerror}") from None
+        finally:
+            os.close(run_fd)
         file = os.fdopen(fd, "rb")
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"blob {digest} of run {run} is not a regular file")
             sha256 = hashlib.sha256()
             while chunk := file.read(_HASH_CHUNK):
                 sha256.update(chunk)
@@ -150,7 +189,7 @@ class Journal:
             if first < position.segment:
                 continue
             try:
-                size = os.stat(self.run_dir(run) / segment_name(first)).st_size
+                size = os.stat(self.run_dir(run) / segment_name(first), follow_symlinks=False).st_size
             except OSError:
                 continue
             total += max(0, size - position.offset) if first == position.segment else size
@@ -164,9 +203,15 @@ class Journal:
 
     def _segments_or_none(self, run: str) -> list[int]:
         try:
-            return self._segments(run)
-        except UnknownRun:
+            fd = self._open_run(run)
+        except (UnknownRun, RunUnreadable):
             return []
+        try:
+            return self._segments(run, fd)
+        except JournalCorrupt:
+            return []
+        finally:
+            os.close(fd)
 
     def points(self, run: str, through_seq: int) -> Iterator[Points]:
         """The run's well-formed metric points up to ``through_seq``, in chunks (``RunSource``)."""
@@ -188,21 +233,45 @@ class Journal:
         for event, _ in self.read(run, start):
             yield event
 
-    def verify(self, run: str) -> RunCheck:
-        """Check every record's checksums; never raises for damage, reports it."""
+    def verify(self, run: str, blobs: bool = False) -> RunCheck:
+        """Check every record's checksums; never raises for damage, reports it. With
+        ``blobs``, also every blob the run holds or its events name, against its digest."""
         check = RunCheck(run)
         outcome = _Outcome()
+        named: set[str] = set()
         try:
             for event, position in self._read(run, 0, outcome):
                 check.records += 1
                 check.last_seq = event.seq
                 check.end = position
+                if blobs:
+                    named |= _digests(event)
         except JournalCorrupt as corrupt:
             check.corrupt = corrupt
         if outcome.torn:
             segment, damage = outcome.torn
             check.torn = f"{segment} byte {damage.offset}: {damage.reason}"
+        if blobs and not isinstance(check.corrupt, RunUnreadable):
+            check.blobs = self._check_blobs(run, named)
         return check
+
+    def _check_blobs(self, run: str, named: set[str]) -> list[str]:
+        """What is wrong with the run's blobs: each one held or named, read and hashed."""
+        try:
+            held = {name for name in os.listdir(self.run_dir(run) / BLOB_DIR) if is_digest(name)}
+        except FileNotFoundError:
+            held = set()
+        except OSError as error:  # blobs is a symlink, a file, unreadable: opening each one says what
+            held = set()
+            if not named:
+                return [f"{BLOB_DIR}: {error.strerror}"]
+        problems = []
+        for digest in sorted(held | named):
+            try:
+                self.open_blob(run, digest).close()
+            except (OSError, ValueError) as error:
+                problems.append(str(error) if digest in named else f"{error} (named by no event)")
+        return problems
 
     def follow(
         self,
@@ -227,22 +296,39 @@ class Journal:
                 return
             stop.wait(poll_seconds)
 
-    def _segments(self, run: str) -> list[int]:
-        run_dir = self.run_dir(run)
+    def _open_run(self, run: str) -> int:
+        """An fd of the run's directory, opened without following a symlink."""
+        path = self.run_dir(run)
         try:
-            names = os.listdir(run_dir)
+            return open_directory(path)
         except FileNotFoundError:
             raise UnknownRun(f"no run {run} in journal {self.root}") from None
-        return sorted(seq for seq in map(segment_first_seq, names) if seq is not None)
+        except NotRegularFile as odd:
+            raise RunUnreadable(run, "", f"{odd} (never followed out of the journal)") from None
+        except OSError as error:
+            raise RunUnreadable(run, "", f"{error.strerror}: {path}") from None
 
-    def count(self, run: str, start: Position | int = 0) -> tuple[int, JournalCorrupt | None]:
+    def _segments(self, run: str, run_fd: int) -> list[int]:
+        """The run's segments, by first seq; a name beyond ``MAX_SEQ`` is corruption."""
+        try:
+            names = os.listdir(run_fd)
+        except OSError as error:
+            raise RunUnreadable(run, "", f"{error.strerror}: {self.run_dir(run)}") from None
+        segments = sorted(seq for seq in map(segment_first_seq, names) if seq is not None)
+        if segments and segments[-1] > MAX_SEQ:
+            raise JournalCorrupt(run, segment_name(segments[-1]), 0, f"a segment's first seq is beyond {MAX_SEQ}")
+        return segments
+
+    def count(self, run: str, start: Position | int = 0, decode: bool = False) -> tuple[int, JournalCorrupt | None]:
         """How many good records follow ``start``, and the corruption that ends them if any.
 
-        Checksums are checked, payloads not decoded: cheap enough to size a backlog.
+        Checksums are checked, payloads not decoded (cheap enough to size a backlog) unless
+        ``decode``: then an undecodable payload ends the count as corruption, as delivery meets it.
         """
         count = 0
+        records = self._read(run, start, _Outcome()) if decode else self._records(run, start, _Outcome())
         try:
-            for count, _ in enumerate(self._records(run, start, _Outcome()), start=1):
+            for count, _ in enumerate(records, start=1):
                 pass
         except JournalCorrupt as corrupt:
             return count, corrupt
@@ -255,27 +341,45 @@ class Journal:
     def _records(
         self, run: str, start: Position | int, outcome: _Outcome
     ) -> Iterator[tuple[int, bytes, str, int, Position]]:
-        """(seq, payload, segment name, record offset, position after) of each good record."""
-        segments = self._segments(run)
+        """(seq, payload, segment name, record offset, position after) of each good record.
+
+        A run starts at seq 0 and its seqs follow each other across segments: a missing
+        first segment, or a gap between two, is corruption."""
+        run_fd = self._open_run(run)
+        try:
+            yield from self._records_in(run, run_fd, start, outcome)
+        finally:
+            os.close(run_fd)
+
+    def _records_in(self, run: str, run_fd: int, start: Position | int,
+                    outcome: _Outcome) -> Iterator[tuple[int, bytes, str, int, Position]]:
+        segments = self._segments(run, run_fd)
         if not segments:
             return
+        if segments[0] != 0:
+            raise JournalCorrupt(run, segment_name(segments[0]), 0, f"the run's first segment ({segment_name(0)}) "
+                                 f"is missing: its records start at seq {segments[0]}")
         if isinstance(start, int):
             start = Position(seq=start)
         if start.offset == 0 or start.segment not in segments:  # only a seq to go by
             start = Position(seq=start.seq, segment=_segment_holding(segments, start.seq), offset=0)
-        run_dir = self.run_dir(run)
         first_index = segments.index(start.segment)
-        expected = start.seq if start.offset else None
+        expected = start.seq if start.offset else start.segment  # the next record's seq
         for index in range(first_index, len(segments)):
             first = segments[index]
             name = segment_name(first)
-            if index > first_index and expected is not None and first != expected:
-                raise JournalCorrupt(run, name, 0, f"segment starts at seq {first}, expected {expected}")
             offset = start.offset if index == first_index else 0
+            if not offset and first != expected:
+                raise JournalCorrupt(run, name, 0, f"segment starts at seq {first}, expected {expected}")
             last = index == len(segments) - 1
             scan = SegmentScan()
-            with _mapped(run_dir / name) as data:
+            with _mapped(run, name, run_fd) as data:
                 for seq, payload, end in scan_segment(data, run, first, offset, last, scan):
+                    record = end - len(payload) - RECORD_HEADER_SIZE
+                    if seq != expected:  # resuming at a saved byte that no longer holds that seq
+                        raise JournalCorrupt(run, name, record, f"expected seq {expected}, found {seq}")
+                    if seq > MAX_SEQ:
+                        raise JournalCorrupt(run, name, record, f"seq {seq} is beyond {MAX_SEQ}")
                     expected = seq + 1
                     if seq < start.seq:
                         continue
@@ -296,15 +400,24 @@ def _segment_holding(segments: list[int], seq: int) -> int:
 
 
 class _mapped:
-    """Map a segment read-only; an empty file maps to b''."""
+    """Map a segment (a regular file in the run's directory, never through a symlink)
+    read-only; an empty file maps to b''."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run: str, name: str, run_fd: int):
+        self.run, self.name, self.run_fd = run, name, run_fd
 
     def __enter__(self):
-        self._file = open(self.path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        try:
+            fd = open_regular(self.name, dir_fd=self.run_fd)
+        except NotRegularFile as odd:
+            raise JournalCorrupt(self.run, self.name, 0, str(odd)) from None
+        except FileNotFoundError:
+            raise UnknownRun(f"run {self.run}: {self.name} is gone (the run was removed meanwhile)") from None
+        except OSError as error:
+            raise RunUnreadable(self.run, self.name, error.strerror) from None
+        self._file = os.fdopen(fd, "rb")
+        size = os.fstat(fd).st_size
+        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
         return self._map if self._map is not None else b""
 
     def __exit__(self, *exc):
@@ -328,6 +441,36 @@ def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int)
             kind, micros, body = record
         if not isinstance(micros, int) or not isinstance(body, dict):
             raise ValueError("payload is not [kind, time, body]")
+        if kind not in KINDS_BY_VALUE:
+            raise ValueError(f"unknown event kind {str(kind)[:40]!r} (written by a newer runrelay?)")
+        _check_depth(body)
         return Event(run, seq, KINDS_BY_VALUE[kind], utc_from_micros(micros), body)
     except Exception as error:  # noqa: BLE001 - any decode failure means bad bytes
         raise JournalCorrupt(run, segment, offset, f"undecodable payload: {error}") from None
+
+
+def _check_depth(body: dict) -> None:
+    """ValueError when ``body`` nests lists and dicts more than MAX_DEPTH deep (no recursion)."""
+    stack: list[tuple[object, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} deep")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _digests(event: Event) -> set[str]:
+    """The blobs an event names (artifact, resource, the run's sources); malformed entries
+    are the fold's to refuse."""
+    entries = [event.body] if event.kind in (Kind.ARTIFACT, Kind.RESOURCE) else []
+    if event.kind in (Kind.STARTED, Kind.QUEUED) and isinstance(event.body.get("sources"), list):
+        entries = event.body["sources"]
+    return {entry["digest"] for entry in entries if isinstance(entry, dict) and is_digest(entry.get("digest"))}
+
+
+# errno values that reading a blob again will not change: permanent for the event naming it
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENXIO,
+                               errno.ENODEV, errno.ENAMETOOLONG})

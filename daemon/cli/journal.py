@@ -10,7 +10,7 @@ import sys
 from runrelay.daemon import service
 from runrelay.daemon.cli.options import add_command, config_from, help_when_bare
 from runrelay.daemon.errors import EXIT_CORRUPT, EXIT_OK, UserError
-from runrelay.eventlog.errors import JournalCorrupt
+from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import Event
 from runrelay.eventlog.fold import MalformedEvent, RunState, fold_event, passed
 from runrelay.eventlog.reader import Journal
@@ -48,10 +48,12 @@ def add_commands(commands, common) -> None:
                      help="keep printing as the run appends, until it ends or its process is gone")
     cat.set_defaults(func=_cat)
 
-    verify = add_command(actions, "verify", [common], help="check every record's checksums", description=(
-        "Check the checksums of one run, or of every run. Exit 0 when all records check "
-        "(a torn tail left by a crashed writer is normal and reported, not an error); "
-        "exit 1 on corruption, naming the segment and byte offset."),
+    verify = add_command(actions, "verify", [common], help="check every record's checksums and every blob",
+                         description=(
+        "Check the checksums of one run, or of every run, and each blob against its SHA-256. Exit 0 "
+        "when all records and blobs check (a torn tail left by a crashed writer is normal and "
+        "reported, not an error); exit 1 on corruption, naming the segment and byte offset, on a "
+        "run that cannot be read, and on a blob that is damaged, missing or not a regular file."),
         example="runrelay journal verify && echo journal ok", exits=EXITS_JOURNAL)
     verify.add_argument("run", nargs="?", help="run uid or unique prefix (default: every run)")
     verify.set_defaults(func=_verify)
@@ -77,7 +79,8 @@ def _ls(args) -> int:
         if args.json:
             print(json.dumps(summary))
         else:
-            flag = {"ok": "", "torn": "  (torn tail)", "corrupt": "  CORRUPT"}[summary["journal"]]
+            flag = {"ok": "", "torn": "  (torn tail)", "corrupt": "  CORRUPT", "unreadable": "  UNREADABLE",
+                    "gone": "  (removed meanwhile)"}[summary["journal"]]
             if summary["malformed"]:
                 flag += f"  ({summary['malformed']} malformed)"
             status = summary["status"] or "-"
@@ -100,8 +103,12 @@ def _summarize(journal: Journal, run: str) -> dict:
                 malformed += 1
         if journal.verify(run).torn:
             health = "torn"
+    except RunUnreadable:
+        health = "unreadable"
     except JournalCorrupt:
         health = "corrupt"
+    except UnknownRun:
+        health = "gone"
     return {"run": run, "status": state.status, "events": events, "malformed": malformed, "journal": health}
 
 
@@ -142,12 +149,23 @@ def _verify(args) -> int:
     runs = [_resolve(journal, args.run)] if args.run else journal.runs()
     corrupt = 0
     for run in runs:
-        check = journal.verify(run)
-        if check.corrupt:
+        try:
+            check = journal.verify(run, blobs=True)
+        except UnknownRun:
+            print(f"{run}  removed meanwhile")
+            continue
+        if not check.ok:
             corrupt += 1
+        if isinstance(check.corrupt, RunUnreadable):
+            print(f"{run}  UNREADABLE: {check.corrupt}")
+        elif check.corrupt:
             print(f"{run}  CORRUPT after {check.records} good records: {check.corrupt.segment} "
                   f"byte {check.corrupt.offset}: {check.corrupt.reason}")
-        elif check.torn:
+        if check.blobs:
+            print(f"{run}  CORRUPT blobs: {'; '.join(check.blobs)}")
+        if not check.ok:
+            continue
+        if check.torn:
             print(f"{run}  ok, {check.records} records, torn tail at {check.torn}")
         else:
             print(f"{run}  ok, {check.records} records")
