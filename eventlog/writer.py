@@ -376,12 +376,22 @@ def _end_from_hint(journal: Journal, run: str, lock_fd: int) -> tuple[int, int, 
     """(segment, offset, next seq) where a resumed writer appends, checked from the resume
     hint on (docs/journal-format.md); None when there is no usable hint."""
     hint = decode_resume_hint(os.pread(lock_fd, RESUME_HINT_SIZE, 0))
-    segments = journal._segments(run)
-    if hint is None or not segments or hint[0] != segments[-1]:
+    if hint is None:
         return None
-    segment, offset, seq = hint
+    run_fd = journal._open_run(run)
+    try:
+        return _check_hint(journal, run, run_fd, *hint)
+    finally:
+        os.close(run_fd)
+
+
+def _check_hint(journal: Journal, run: str, run_fd: int, segment: int, offset: int,
+                seq: int) -> tuple[int, int, int] | None:
+    segments = journal._segments(run, run_fd)
+    if not segments or segment != segments[-1]:
+        return None
     name = segment_name(segment)
-    with _mapped(journal.run_dir(run) / name) as data:
+    with _mapped(run, name, run_fd) as data:
         if not SEGMENT_HEADER_SIZE <= offset <= len(data):
             return None
         problem = check_segment_header(data, run, segment)
