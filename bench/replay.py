@@ -313,7 +313,7 @@ def write_journal(journal: Path, runs: int, points: int) -> dict[str, int]:
         with JournalWriter.create(journal) as writer:
             writer.append(Kind.STARTED, {**STARTED, "config": {"seed": index}})
             for step in range(points // runs):
-                writer.append(Kind.METRICS, metric(step))
+                writer.append_metric(**metric(step))
             ends[writer.run] = writer.next_seq - 1
     return ends
 
@@ -322,7 +322,7 @@ def append_points(journal: Path, run: str, count: int) -> int:
     """Append ``count`` metric points to a run whose writer is gone; returns the last seq."""
     with JournalWriter.resume(journal, run) as writer:
         for step in range(count):
-            seq = writer.append(Kind.METRICS, metric(10**9 + step))
+            seq = writer.append_metric(**metric(10**9 + step))
     return seq
 
 
@@ -565,7 +565,7 @@ def bench_lag(root: Path, seconds: float, rate: int, label: str, **settings: str
         if pause > 0:
             time.sleep(pause)
         for seq in range(first, min(first + chunk, total + 1)):
-            writer.append(Kind.METRICS, metric(seq))
+            writer.append_metric(**metric(seq))
             appended[seq] = time.monotonic()
     produced = time.monotonic() - begin
     if not done.wait(WAIT_SECONDS):
@@ -621,7 +621,7 @@ def bench_restart(root: Path, journal: Path, ends: dict[str, int], target: Targe
         if run is None:
             seq = writer.append(Kind.STARTED, {"command": "main", "config": {}, "start_time": T0})
         else:
-            seq = writer.append(Kind.METRICS, metric(10**9))
+            seq = writer.append_metric(**metric(10**9))
         total = wait_applied(applied, writer.run, seq, daemon) - daemon.started
         writer.close()
         ready = f"{daemon.ready - daemon.started:.2f} s" if daemon.ready else "-"
@@ -680,7 +680,7 @@ def live_run_memory(root: Path, target: Target, points: int) -> dict[str, float]
     writer = JournalWriter.create(home / "journal")  # left open: the run stays live to the end
     writer.append(Kind.STARTED, STARTED)
     for step in range(points):
-        last = writer.append(Kind.METRICS, metric(step))
+        last = writer.append_metric(**metric(step))
     produced = time.monotonic() - begin
     wait_applied(applied, writer.run, last, daemon)
     delivered = time.monotonic() - begin
