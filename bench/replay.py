@@ -1,7 +1,8 @@
 """Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
     python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb]
-                           [--only replay,lag,restart,memory] [--lag-seconds S] [--lag-rate R]
+                           [--only replay,lag,restart,memory] [--fixed-runs N] [--fixed-points N]
+                           [--lag-seconds S] [--lag-rate R]
                            [--memory-points N] [--profile] [--dir DIR]
 
 The defaults are CI-sized (about a minute and a half on 2 CPUs). docs/benchmarks.md has the
@@ -11,6 +12,9 @@ command for the full-size figures (1,000,000 events).
     through `daemon.service.run_sync` (the code `runrelay sync` runs) and through
     `runrelay daemon` (process start to last commit), beside a bulk insert of the very rows
     the sink wrote into an equivalent table of the same database, same process, same run;
+    and how many journal records `runrelay sync` read per event it delivered (goal: once);
+(a') a run's fixed cost: 1,000 runs of 100 points replayed beside as many events in R runs,
+    the difference per extra run;
 (b) lag, append -> committed in SQLite (the run's applied seq, written in the same
     transaction as its rows), p50/p99, while a producer appends R events/s for S seconds to
     a live run with `runrelay daemon` running (default batch wait, then none);
@@ -56,7 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from runrelay.daemon import delivery, service  # noqa: E402
 from runrelay.daemon.config import DEFAULT_BATCH_EVENTS, DEFAULT_BATCH_WAIT_SECONDS, load  # noqa: E402
-from runrelay.eventlog import JournalWriter, Kind  # noqa: E402
+from runrelay.eventlog import JournalWriter, Kind, reader  # noqa: E402
 
 RUNRELAY = Path(sys.executable).parent / "runrelay"
 NAMES = ["training.loss", "accuracy", "lr", "grad.norm"]
@@ -66,6 +70,7 @@ GOAL_RATIO = 0.5
 GOAL_SQLITE_RATE = 100_000
 GOAL_LAG_P99_MS = 100.0
 GOAL_RESTART_SECONDS = 1.0
+GOAL_RUN_MS = 0.5  # a run's fixed cost to replay
 GOAL_MEMORY_RATIO = 1.2  # "does not grow": 10x the points, at most a fifth more peak RSS
 RESTART_REPEATS = 3
 LAGGING_POINTS = 1000  # how far the sink is ahead of a lagging cursor (one small batch)
@@ -525,6 +530,42 @@ def bench_replay(root: Path, journal: Path, ends: dict[str, int], target: Target
         print_profile(stats)
 
 
+def bench_fixed_cost(root: Path, many: Path, many_ends: dict[str, int], journal: Path, ends: dict[str, int],
+                     target: Target) -> None:
+    """A run's fixed cost: ``many`` holds as many events as ``journal`` in many more runs;
+    the difference of their replay times, per extra run."""
+    label = target.label
+    times = {}
+    for name, where, runs in (("few", journal, ends), ("many", many, many_ends)):
+        events, seconds, _ = replay(where, root / f"state-{label}-{name}", target.url(name))
+        times[name] = (len(runs), events, seconds)
+    (few_runs, few_events, few_seconds), (many_runs, many_events, many_seconds) = times["few"], times["many"]
+    per_run = (many_seconds - few_seconds * many_events / few_events) / (many_runs - few_runs)
+    print(f"  {label:<11} {many_runs:,} runs, {many_events:,} events: {many_seconds:5.2f} s "
+          f"({many_seconds / many_events * 1e6:.1f} µs/event); {few_runs} runs, {few_events:,} events: "
+          f"{few_seconds:5.2f} s; a run's fixed cost {per_run * 1000:.2f} ms  "
+          f"goal <= {GOAL_RUN_MS} ms: {ok(per_run * 1000 <= GOAL_RUN_MS)}")
+
+
+def journal_reads(journal: Path, state: Path, url: str) -> tuple[int, int]:
+    """(records read from the journal, events delivered) by one run_sync: every record a
+    segment scan yields is counted, whatever read it (delivery, sizing the backlog, status)."""
+    scanned = [0]
+    original = reader.scan_segment
+
+    def counting(*args, **kwargs):
+        for record in original(*args, **kwargs):
+            scanned[0] += 1
+            yield record
+
+    reader.scan_segment = counting
+    try:
+        delivered, _, _ = replay(journal, state, url)
+    finally:
+        reader.scan_segment = original
+    return scanned[0], delivered
+
+
 # --- (b) live lag -------------------------------------------------------------------------------
 
 
@@ -730,6 +771,8 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(SINKS)} (default: all)")
     parser.add_argument("--only", type=lambda text: names(text, SECTIONS), default=list(SECTIONS),
                         help=f"comma-separated sections, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--fixed-runs", type=int, default=1000, help="runs of the fixed-cost journal of (a')")
+    parser.add_argument("--fixed-points", type=int, default=100, help="metric points in each of them")
     parser.add_argument("--lag-seconds", type=float, default=2.0, help="how long the producer runs (b)")
     parser.add_argument("--lag-rate", type=int, default=10_000, help="events/s the producer appends (b)")
     parser.add_argument("--memory-points", type=int, default=100_000,
@@ -758,6 +801,19 @@ def main() -> None:
                       f"per transaction")
             for target in targets:
                 bench_replay(root, journal, ends, target, show, args.profile)
+            if show:
+                read, delivered = journal_reads(journal, root / "state-reads", targets[0].url("reads"))
+                print(f"  runrelay sync read {read:,} journal records to deliver {delivered:,} events "
+                      f"(x{read / max(1, delivered):.2f}) goal: never twice: {ok(read <= delivered)}")
+                many = root / "journal-many"
+                many_ends = write_journal(many, args.fixed_runs, args.fixed_runs * args.fixed_points)
+                fixed_events = sum(many_ends.values()) + len(many_ends)
+                few = root / "journal-few"
+                few_ends = write_journal(few, args.runs, fixed_events - args.runs)
+                print(f"\n(a') a run's fixed cost: {args.fixed_runs:,} runs of {args.fixed_points} points beside "
+                      f"{args.runs} runs of as many events in all")
+                for target in targets:
+                    bench_fixed_cost(root, many, many_ends, few, few_ends, target)
 
         if "lag" in args.only:
             print(f"\n(b) lag append -> committed in SQLite, producer at {args.lag_rate:,} events/s "

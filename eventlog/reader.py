@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from runrelay.eventlog import codec
+from runrelay.eventlog.codec import naive_from_micros
 from runrelay.eventlog.blobs import BLOB_DIR, blob_path, is_digest
 from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import KINDS_BY_VALUE, Event, Kind, Points, check_run_uid, is_run_uid, utc_from_micros
@@ -160,8 +161,10 @@ class Journal:
         ``Event`` is built for it (most of a run's records are points)."""
         events: list[Event] = []
         points = Points()
+        add_point = points.add
         end = start if isinstance(start, Position) else Position(seq=start)
-        records = 0
+        records, last = 0, None  # last: (seq, segment's first seq, end offset) of the last record taken
+        corrupt = None
         try:
             for seq, payload, segment, offset, first, stop in self._raw_records(run, start, _Outcome()):
                 record = _decoded(run, payload, segment, offset)
@@ -169,22 +172,23 @@ class Journal:
                     break
                 if len(record) == _COLUMNS and record[2]:  # an empty name is the fold's to refuse
                     stamp = record[5]
-                    points.add(seq, record[2], record[3], record[4],
-                               None if stamp is None else codec.naive_from_micros(stamp))
+                    add_point(seq, record[2], record[3], record[4], None if stamp is None else naive_from_micros(stamp))
                 else:
                     event = _event(run, seq, record)
                     point = _point_of(event)
                     if point is None:
                         events.append(event)
                     else:
-                        points.add(*point)
-                end = Position(seq + 1, first, stop)
+                        add_point(*point)
+                last = (seq, first, stop)
                 records += 1
                 if records >= max_records:
                     break
-        except JournalCorrupt as corrupt:
-            return RecordBatch(events, points, end, records, corrupt)
-        return RecordBatch(events, points, end, records, None)
+        except JournalCorrupt as damage:
+            corrupt = damage
+        if last is not None:
+            end = Position(last[0] + 1, last[1], last[2])
+        return RecordBatch(events, points, end, records, corrupt)
 
     def bytes_after(self, run: str, position: Position) -> int:
         """About how many journal bytes of ``run`` follow ``position`` (file sizes only, for
@@ -475,7 +479,7 @@ def _event(run: str, seq: int, record: list) -> Event:
     """The Event of a record ``_decoded`` checked."""
     if len(record) == _COLUMNS:
         _kind, micros, name, step, value, stamp = record
-        timestamp = None if stamp is None else codec.naive_from_micros(stamp)
+        timestamp = None if stamp is None else naive_from_micros(stamp)
         return Event(run, seq, Kind.METRICS, utc_from_micros(micros),
                      {"name": name, "step": step, "value": value, "timestamp": timestamp})
     kind, micros, body = record
