@@ -152,13 +152,18 @@ class Journal:
         return file
 
     def read_batch(self, run: str, start: Position | int, max_records: int,
-                   until_us: int | None = None) -> RecordBatch:
+                   until_us: int | None = None, fold_only: bool = False) -> RecordBatch:
         """Up to ``max_records`` records from ``start``; with ``until_us``, only records
         appended at or before that time (µs since the epoch). Damage ends the batch after
         its good records (``corrupt``); a torn tail simply ends it.
 
         A metric point in columns (format version 2) goes straight into ``points``: no
-        ``Event`` is built for it (most of a run's records are points)."""
+        ``Event`` is built for it (most of a run's records are points). ``fold_only``: for
+        folding a run again through what a sink already holds, metric records are passed
+        over undecoded (checksummed, not decoded: they set nothing in a run's state) and
+        ``points`` stays empty (and ``until_us`` is not for it)."""
+        if fold_only and until_us is not None:
+            raise ValueError("a fold-only read reads through what a sink holds, not up to a time")
         events: list[Event] = []
         points = Points()
         add_point = points.add
@@ -167,19 +172,21 @@ class Journal:
         corrupt = None
         try:
             for seq, payload, segment, offset, first, stop in self._raw_records(run, start, _Outcome()):
-                record = _decoded(run, payload, segment, offset)
-                if until_us is not None and record[1] > until_us:
-                    break
-                if len(record) == _COLUMNS and record[2]:  # an empty name is the fold's to refuse
-                    stamp = record[5]
-                    add_point(seq, record[2], record[3], record[4], None if stamp is None else naive_from_micros(stamp))
-                else:
-                    event = _event(run, seq, record)
-                    point = _point_of(event)
-                    if point is None:
-                        events.append(event)
+                if not (fold_only and payload.startswith(_METRIC_PREFIXES)):
+                    record = _decoded(run, payload, segment, offset)
+                    if until_us is not None and record[1] > until_us:
+                        break
+                    if len(record) == _COLUMNS and record[2]:  # an empty name is the fold's to refuse
+                        stamp = record[5]
+                        add_point(seq, record[2], record[3], record[4],
+                                  None if stamp is None else naive_from_micros(stamp))
                     else:
-                        add_point(*point)
+                        event = _event(run, seq, record)
+                        point = _point_of(event)
+                        if point is None:
+                            events.append(event)
+                        elif not fold_only:
+                            add_point(*point)
                 last = (seq, first, stop)
                 records += 1
                 if records >= max_records:
@@ -444,6 +451,8 @@ class _mapped:
 
 
 _COLUMNS = 6  # the length of a metric point's column payload (format version 2)
+# How a metric record's MessagePack payload begins: an array of 6 (columns) or of 3, then "metrics".
+_METRIC_PREFIXES = (b"\x96\xa7metrics", b"\x93\xa7metrics")
 
 
 def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int) -> Event:
