@@ -387,7 +387,7 @@ class Journal:
             start = Position(seq=start)
         if start.offset == 0 or start.segment not in segments:  # only a seq to go by
             start = Position(seq=start.seq, segment=_segment_holding(segments, start.seq), offset=0)
-        first_index = segments.index(start.segment)
+        first_index, start_seq = segments.index(start.segment), start.seq
         expected = start.seq if start.offset else start.segment  # the next record's seq
         for index in range(first_index, len(segments)):
             first = segments[index]
@@ -399,15 +399,13 @@ class Journal:
             scan = SegmentScan()
             with _mapped(run, name, run_fd) as data:
                 for seq, payload, end in scan_segment(data, run, first, offset, last, scan):
-                    record = end - len(payload) - RECORD_HEADER_SIZE
-                    if seq != expected:  # resuming at a saved byte that no longer holds that seq
-                        raise JournalCorrupt(run, name, record, f"expected seq {expected}, found {seq}")
-                    if seq > MAX_SEQ:
-                        raise JournalCorrupt(run, name, record, f"seq {seq} is beyond {MAX_SEQ}")
+                    if seq != expected or seq > MAX_SEQ:  # the first: resuming at a byte that holds another seq
+                        problem = (f"expected seq {expected}, found {seq}" if seq != expected
+                                   else f"seq {seq} is beyond {MAX_SEQ}")
+                        raise JournalCorrupt(run, name, end - len(payload) - RECORD_HEADER_SIZE, problem)
                     expected = seq + 1
-                    if seq < start.seq:
-                        continue
-                    yield seq, payload, name, end - len(payload), first, end
+                    if seq >= start_seq:
+                        yield seq, payload, name, end - len(payload), first, end
             if scan.damage:
                 if scan.damage.torn:
                     outcome.torn = (name, scan.damage)
