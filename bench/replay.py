@@ -5,7 +5,7 @@
                            [--lag-seconds S] [--lag-rates R,R]
                            [--memory-points N] [--profile] [--dir DIR]
 
-The defaults are CI-sized (about a minute and a half on 2 CPUs). docs/benchmarks.md has the
+The defaults are CI-sized (about three minutes on 2 CPUs). docs/benchmarks.md has the
 command for the full-size figures (1,000,000 events).
 
 (a) replay: events/s delivering a journal of N metric points (in R RUNNING runs) to each sink
