@@ -20,6 +20,7 @@ Anything else a sink raises is a bug: the worker records it and crashes, visibly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import heapq
@@ -40,13 +41,14 @@ from runrelay.eventlog.codec import EncodeError
 from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import Event, Kind, Points
 from runrelay.eventlog.fold import (
-    SETS, MalformedEvent, RunState, fold_changes, fold_event, from_snapshot, metric_point, passed, snapshot,
+    SETS, Folding, MalformedEvent, RunState, from_snapshot, metric_point, passed, snapshot,
 )
 from runrelay.eventlog.reader import Journal, Position
 from runrelay.sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError, UnusableSinkError
 
 log = logging.getLogger("runrelay.delivery")
 
+REFOLD_RECORDS = 100_000  # records per read when folding a run again (metric records are passed over)
 Refuse = Callable[[Event, str], None]
 Send = Callable[[Callable[[], object]], object]
 
@@ -64,18 +66,17 @@ class Stretch:
     def batch(self, refuse: Refuse, through: int | None = None) -> Batch:
         """The batch through ``through`` (default: all). A malformed event is refused here."""
         through = self.last_seq if through is None else through
-        state, changed = self.state, set()
+        folding, changed = Folding(self.state), set()
         for event in self.events:
             if event.seq > through:
                 break
             if event.seq in self.refused:
                 continue
             try:
-                folded = fold_changes(state, [event])
+                changed |= folding.add(event)
             except MalformedEvent as error:
                 self.refuse(event, str(error), refuse)
-                continue
-            state, changed = folded.state, changed | folded.changed
+        state = folding.state
         points = self.points.before(through + 1)
         if self.refused & set(points.seqs):
             points = points.only(frozenset(points.seqs) - self.refused)
@@ -269,18 +270,19 @@ class SinkWorker:
             self._redrive_requested(stop)
             if self.redrive_only:
                 return
-            delivered = self._pass(stop)
+            delivered, full = self._pass(stop)
             if self.one_shot and not delivered:
                 return
-            if delivered:
-                continue
+            if full or (delivered and self.one_shot):
+                continue  # a backlog: on at once
             with self.liveness.idle():
                 self.wake.wait()
                 stop.wait(self.delivery.batch_wait_seconds)  # let a live run's burst gather
 
-    def _pass(self, stop: threading.Event) -> bool:
-        """One batch for each run with something pending; True if anything was delivered."""
-        delivered = False
+    def _pass(self, stop: threading.Event) -> tuple[bool, bool]:
+        """One batch for each run with something pending: whether anything was delivered,
+        and whether a batch was full (more is pending)."""
+        delivered = full = False
         for run in self.journal.runs():
             if stop.is_set():
                 break
@@ -289,8 +291,10 @@ class SinkWorker:
                 known.stopped, known.unreadable = None, False  # its permissions may be fixed by now
                 self.outcome.stopped_runs.pop(run, None)
             if not known.cursor.done and not known.stopped:
-                delivered |= self._deliver_batch(run, known, stop) > 0
-        return delivered
+                records = self._deliver_batch(run, known, stop)
+                delivered |= records > 0
+                full |= records >= self.delivery.batch_events
+        return delivered, full
 
     def _deliver_batch(self, run: str, known: _Run, stop: threading.Event) -> int:
         """Deliver the run's next batch; returns how many records it held."""
@@ -361,18 +365,19 @@ class SinkWorker:
         the journal (as ``apply_isolating`` folded it: without its dead letters and malformed
         events), and where that ends."""
         refused = self.letters.seqs(run)
+        folding = Folding(state)
         while position.seq < target:
-            records = self.journal.read_batch(run, position, min(self.delivery.batch_events, target - position.seq))
+            records = self.journal.read_batch(run, position, min(REFOLD_RECORDS, target - position.seq), fold_only=True)
             for event in records.events:
                 if event.seq not in refused:
-                    state = _fold_sound(state, event)
+                    _fold_sound(folding, event)
             if records.records:
-                state, position = passed(state, records.end.seq - 1), records.end
+                folding, position = Folding(passed(folding.state, records.end.seq - 1)), records.end
             if records.corrupt:
                 raise records.corrupt  # a state folded past the damage would be wrong: stop the run
             if not records.records:
                 break
-        return state, position
+        return folding.state, position
 
     def _save(self, run: str, known: _Run, replaced_output: bool, stop: threading.Event) -> None:
         """Save the cursor with the run's state. Its captured output is written only where it
@@ -477,17 +482,17 @@ class SinkWorker:
         journal, or from the letters alone once retention has removed it."""
         applied = self._send(lambda: self.sink.applied(run), stop)
         through = max(applied, letters[-1].seq)
-        state = RunState(run)
+        folding = Folding(RunState(run))
         try:
             for event in self.journal.events(run):
                 if event.seq > through:
                     break
-                state = _fold_sound(state, event)
+                _fold_sound(folding, event)
         except (UnknownRun, JournalCorrupt):
             pass  # gone or damaged: what was folded stands, the letters fill in below
         for letter in letters:
-            state = _fold_sound(state, letter.event())  # skips what the journal already gave
-        return passed(state, through)
+            _fold_sound(folding, letter.event())  # skips what the journal already gave
+        return passed(folding.state, through)
 
 
 def letter_batch(event: Event, state: RunState) -> Batch:
@@ -505,11 +510,9 @@ def _replaces_output(events: Sequence[Event]) -> bool:
     return any(event.kind is Kind.HEARTBEAT and "captured_out" in event.body for event in events)
 
 
-def _fold_sound(state: RunState, event: Event) -> RunState:
+def _fold_sound(folding: Folding, event: Event) -> None:
     """``event`` folded, unless it is malformed: such an event is refused by
     ``apply_isolating``, so a fold from the journal passes over it."""
-    try:
-        return fold_event(state, event)
-    except MalformedEvent:
-        return passed(state, event.seq)
+    with contextlib.suppress(MalformedEvent):
+        folding.add(event)
 

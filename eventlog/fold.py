@@ -87,6 +87,7 @@ SETS: dict[Kind, frozenset[str]] = {
     Kind.DIED: _ENDED | {"death"},
 }
 STATE_FIELDS = tuple(f.name for f in fields(RunState))
+_ADDED_OUTPUT = "captured_out added"  # a folder's change: output to add to captured_out
 
 
 class MalformedEvent(ValueError):
@@ -97,47 +98,67 @@ class MalformedEvent(ValueError):
         self.seq = seq
 
 
-@dataclass
-class Folded:
-    """What folding a stretch of events did: the state after it, and the fields it set."""
-
-    state: RunState
-    changed: frozenset[str] = frozenset()
-
-
 def fold(events: Iterable[Event], state: RunState | None = None) -> RunState:
     """Fold events (in seq order) on top of ``state``; events already folded are skipped."""
+    folding = None
     for event in events:
-        state = fold_event(RunState(event.run) if state is None else state, event)
-    if state is None:
+        folding = folding or Folding(RunState(event.run) if state is None else state)
+        folding.add(event)
+    if folding is None and state is None:
         raise ValueError("cannot fold an empty stream without a starting state")
-    return state
-
-
-def fold_changes(state: RunState, events: Iterable[Event]) -> Folded:
-    """Fold ``events`` on top of ``state``, collecting the fields they set."""
-    changed: set[str] = set()
-    for event in events:
-        if event.seq <= state.last_seq:
-            continue
-        if state.death is not None and event.kind is not Kind.DIED:
-            changed |= _REVIVED
-        state = fold_event(state, event)
-        changed |= SETS[event.kind]
-    return Folded(state, frozenset(changed))
+    return state if folding is None else folding.state
 
 
 def fold_event(state: RunState, event: Event) -> RunState:
     """The state after ``event``; raise MalformedEvent when its body does not fit its kind."""
     if event.seq <= state.last_seq:
         return state  # replayed: already folded
+    changes = _changes(state, event)
+    if _ADDED_OUTPUT in changes:
+        changes["captured_out"] = state.captured_out + changes.pop(_ADDED_OUTPUT)
+    return dataclasses.replace(state, last_seq=event.seq, **changes)
+
+
+class Folding:
+    """Events folded one by one on top of a state, as ``fold_event`` folds them, but the
+    output each heartbeat adds is joined to the run's captured output once, when ``state``
+    is read, not copied at every heartbeat (quadratic in a long run's output)."""
+
+    def __init__(self, state: RunState):
+        self._state = state
+        self._added: list[str] = []  # output added since self._state
+
+    @property
+    def state(self) -> RunState:
+        if self._added:
+            output = self._state.captured_out + "".join(self._added)
+            self._state, self._added = dataclasses.replace(self._state, captured_out=output), []
+        return self._state
+
+    def add(self, event: Event) -> frozenset[str]:
+        """Fold ``event``; returns the fields it set. MalformedEvent leaves the folding as it was."""
+        state = self._state
+        if event.seq <= state.last_seq:
+            return frozenset()  # replayed: already folded
+        changes = _changes(state, event)
+        if _ADDED_OUTPUT in changes:
+            self._added.append(changes.pop(_ADDED_OUTPUT))
+        elif "captured_out" in changes:
+            self._added = []  # replaced
+        self._state = dataclasses.replace(state, last_seq=event.seq, **changes)
+        revived = state.death is not None and event.kind is not Kind.DIED
+        return SETS[event.kind] | _REVIVED if revived else SETS[event.kind]
+
+
+def _changes(state: RunState, event: Event) -> dict:
+    """The fields ``event`` replaces (output a heartbeat adds under ``_ADDED_OUTPUT``)."""
     try:
         changes = _FOLDERS[event.kind](state, event.body, event.seq)
     except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:
         raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
     if state.death is not None and event.kind is not Kind.DIED:
         changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, **changes}  # withdrawn
-    return dataclasses.replace(state, last_seq=event.seq, **changes)
+    return changes
 
 
 def passed(state: RunState, seq: int) -> RunState:
@@ -221,11 +242,11 @@ def _described(body: dict) -> dict:
 
 def _heartbeat(state: RunState, body: dict, seq: int) -> dict:
     if "captured_out" in body:
-        captured_out = _checked(body["captured_out"], str, "captured_out")
+        output = {"captured_out": _checked(body["captured_out"], str, "captured_out")}
     else:
-        captured_out = state.captured_out + _checked(body.get("captured_out_append", ""), str, "captured_out_append")
+        output = {_ADDED_OUTPUT: _checked(body.get("captured_out_append", ""), str, "captured_out_append")}
     return {"heartbeat": _time(body, "beat_time"), "info": _mapping(body, "info"), "result": body.get("result"),
-            "captured_out": captured_out}
+            **output}
 
 
 def _metrics(state: RunState, body: dict, seq: int) -> dict:

@@ -13,7 +13,6 @@ RunUnreadable, a JournalCorrupt: that run is reported, the others are read.
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import hashlib
 import mmap
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from runrelay.eventlog import codec
+from runrelay.eventlog.codec import naive_from_micros
 from runrelay.eventlog.blobs import BLOB_DIR, blob_path, is_digest
 from runrelay.eventlog.errors import JournalCorrupt, RunUnreadable, UnknownRun
 from runrelay.eventlog.events import KINDS_BY_VALUE, Event, Kind, Points, check_run_uid, is_run_uid, utc_from_micros
@@ -77,7 +77,6 @@ class RecordBatch:
     end: Position  # where the next read resumes
     records: int = 0
     corrupt: JournalCorrupt | None = None  # damage that ended the batch, after its good records
-    last_time: dt.datetime | None = None  # when the last record read was appended
 
 
 @dataclass
@@ -153,33 +152,50 @@ class Journal:
         return file
 
     def read_batch(self, run: str, start: Position | int, max_records: int,
-                   until_us: int | None = None) -> RecordBatch:
+                   until_us: int | None = None, fold_only: bool = False) -> RecordBatch:
         """Up to ``max_records`` records from ``start``; with ``until_us``, only records
         appended at or before that time (µs since the epoch). Damage ends the batch after
-        its good records (``corrupt``); a torn tail simply ends it."""
+        its good records (``corrupt``); a torn tail simply ends it.
+
+        A metric point in columns (format version 2) goes straight into ``points``: no
+        ``Event`` is built for it (most of a run's records are points). ``fold_only``: for
+        folding a run again through what a sink already holds, metric records are passed
+        over undecoded (checksummed, not decoded: they set nothing in a run's state) and
+        ``points`` stays empty (and ``until_us`` is not for it)."""
+        if fold_only and until_us is not None:
+            raise ValueError("a fold-only read reads through what a sink holds, not up to a time")
         events: list[Event] = []
         points = Points()
+        add_point = points.add
         end = start if isinstance(start, Position) else Position(seq=start)
-        records, last_time = 0, None
+        records, last = 0, None  # last: (seq, segment's first seq, end offset) of the last record taken
+        corrupt = None
         try:
-            for seq, payload, segment, offset, position in self._records(run, start, _Outcome()):
-                event = _decode_event(run, seq, payload, segment, offset)
-                if until_us is not None and event.time > utc_from_micros(until_us):
-                    break
-                if event.kind is Kind.METRICS:
-                    try:
-                        points.add(*metric_point(event))
-                    except MalformedEvent:
-                        events.append(event)
-                else:
-                    events.append(event)
-                end, last_time = position, event.time
+            for seq, payload, segment, offset, first, stop in self._raw_records(run, start, _Outcome()):
+                if not (fold_only and payload.startswith(_METRIC_PREFIXES)):
+                    record = _decoded(run, payload, segment, offset)
+                    if until_us is not None and record[1] > until_us:
+                        break
+                    if len(record) == _COLUMNS and record[2]:  # an empty name is the fold's to refuse
+                        stamp = record[5]
+                        add_point(seq, record[2], record[3], record[4],
+                                  None if stamp is None else naive_from_micros(stamp))
+                    else:
+                        event = _event(run, seq, record)
+                        point = _point_of(event)
+                        if point is None:
+                            events.append(event)
+                        elif not fold_only:
+                            add_point(*point)
+                last = (seq, first, stop)
                 records += 1
                 if records >= max_records:
                     break
-        except JournalCorrupt as corrupt:
-            return RecordBatch(events, points, end, records, corrupt, last_time)
-        return RecordBatch(events, points, end, records, None, last_time)
+        except JournalCorrupt as damage:
+            corrupt = damage
+        if last is not None:
+            end = Position(last[0] + 1, last[1], last[2])
+        return RecordBatch(events, points, end, records, corrupt)
 
     def bytes_after(self, run: str, position: Position) -> int:
         """About how many journal bytes of ``run`` follow ``position`` (file sizes only, for
@@ -326,7 +342,7 @@ class Journal:
         ``decode``: then an undecodable payload ends the count as corruption, as delivery meets it.
         """
         count = 0
-        records = self._read(run, start, _Outcome()) if decode else self._records(run, start, _Outcome())
+        records = self._read(run, start, _Outcome()) if decode else self._raw_records(run, start, _Outcome())
         try:
             for count, _ in enumerate(records, start=1):
                 pass
@@ -341,7 +357,15 @@ class Journal:
     def _records(
         self, run: str, start: Position | int, outcome: _Outcome
     ) -> Iterator[tuple[int, bytes, str, int, Position]]:
-        """(seq, payload, segment name, record offset, position after) of each good record.
+        """(seq, payload, segment name, payload offset, position after) of each good record."""
+        for seq, payload, segment, offset, first, end in self._raw_records(run, start, outcome):
+            yield seq, payload, segment, offset, Position(seq + 1, first, end)
+
+    def _raw_records(
+        self, run: str, start: Position | int, outcome: _Outcome
+    ) -> Iterator[tuple[int, bytes, str, int, int, int]]:
+        """(seq, payload, segment name, payload offset, segment's first seq, end offset) of
+        each good record: the position after it, without building one per record.
 
         A run starts at seq 0 and its seqs follow each other across segments: a missing
         first segment, or a gap between two, is corruption."""
@@ -352,7 +376,7 @@ class Journal:
             os.close(run_fd)
 
     def _records_in(self, run: str, run_fd: int, start: Position | int,
-                    outcome: _Outcome) -> Iterator[tuple[int, bytes, str, int, Position]]:
+                    outcome: _Outcome) -> Iterator[tuple[int, bytes, str, int, int, int]]:
         segments = self._segments(run, run_fd)
         if not segments:
             return
@@ -363,7 +387,7 @@ class Journal:
             start = Position(seq=start)
         if start.offset == 0 or start.segment not in segments:  # only a seq to go by
             start = Position(seq=start.seq, segment=_segment_holding(segments, start.seq), offset=0)
-        first_index = segments.index(start.segment)
+        first_index, start_seq = segments.index(start.segment), start.seq
         expected = start.seq if start.offset else start.segment  # the next record's seq
         for index in range(first_index, len(segments)):
             first = segments[index]
@@ -375,15 +399,13 @@ class Journal:
             scan = SegmentScan()
             with _mapped(run, name, run_fd) as data:
                 for seq, payload, end in scan_segment(data, run, first, offset, last, scan):
-                    record = end - len(payload) - RECORD_HEADER_SIZE
-                    if seq != expected:  # resuming at a saved byte that no longer holds that seq
-                        raise JournalCorrupt(run, name, record, f"expected seq {expected}, found {seq}")
-                    if seq > MAX_SEQ:
-                        raise JournalCorrupt(run, name, record, f"seq {seq} is beyond {MAX_SEQ}")
+                    if seq != expected or seq > MAX_SEQ:  # the first: resuming at a byte that holds another seq
+                        problem = (f"expected seq {expected}, found {seq}" if seq != expected
+                                   else f"seq {seq} is beyond {MAX_SEQ}")
+                        raise JournalCorrupt(run, name, end - len(payload) - RECORD_HEADER_SIZE, problem)
                     expected = seq + 1
-                    if seq < start.seq:
-                        continue
-                    yield seq, payload, name, end - len(payload), Position(seq + 1, first, end)
+                    if seq >= start_seq:
+                        yield seq, payload, name, end - len(payload), first, end
             if scan.damage:
                 if scan.damage.torn:
                     outcome.torn = (name, scan.damage)
@@ -426,27 +448,59 @@ class _mapped:
         self._file.close()
 
 
+_COLUMNS = 6  # the length of a metric point's column payload (format version 2)
+# How a metric record's MessagePack payload begins: an array of 6 (columns) or of 3, then "metrics".
+_METRIC_PREFIXES = (b"\x96\xa7metrics", b"\x93\xa7metrics")
+
+
 def _decode_event(run: str, seq: int, payload: bytes, segment: str, offset: int) -> Event:
     """Turn a checksummed payload into an Event; a malformed one is corruption, not a crash."""
+    return _event(run, seq, _decoded(run, payload, segment, offset))
+
+
+def _decoded(run: str, payload: bytes, segment: str, offset: int) -> list:
+    """A checksummed payload decoded, its shape checked: ``[kind, time, body]`` or a metric
+    point in columns. One that is not either is corruption, not a crash."""
     try:
         record = codec.decode(payload)
-        if len(record) == 6 and record[0] == "metrics":  # a metric point in columns (version 2)
-            kind, micros, name, step, value, stamp = record
+        if len(record) == _COLUMNS and record[0] == "metrics":
+            _kind, micros, name, step, value, stamp = record
             if not (type(name) is str and type(step) is int and type(value) in (int, float)
                     and (stamp is None or type(stamp) is int)):
                 raise ValueError("metric columns are not [kind, time, name, step, value, timestamp]")
-            timestamp = None if stamp is None else codec.naive_from_micros(stamp)
-            body = {"name": name, "step": step, "value": value, "timestamp": timestamp}
         else:
             kind, micros, body = record
-        if not isinstance(micros, int) or not isinstance(body, dict):
+            if not isinstance(body, dict):
+                raise ValueError("payload is not [kind, time, body]")
+            if kind not in KINDS_BY_VALUE:
+                raise ValueError(f"unknown event kind {str(kind)[:40]!r} (written by a newer runrelay?)")
+            _check_depth(body)
+        if not isinstance(micros, int):
             raise ValueError("payload is not [kind, time, body]")
-        if kind not in KINDS_BY_VALUE:
-            raise ValueError(f"unknown event kind {str(kind)[:40]!r} (written by a newer runrelay?)")
-        _check_depth(body)
-        return Event(run, seq, KINDS_BY_VALUE[kind], utc_from_micros(micros), body)
+        return record
     except Exception as error:  # noqa: BLE001 - any decode failure means bad bytes
         raise JournalCorrupt(run, segment, offset, f"undecodable payload: {error}") from None
+
+
+def _event(run: str, seq: int, record: list) -> Event:
+    """The Event of a record ``_decoded`` checked."""
+    if len(record) == _COLUMNS:
+        _kind, micros, name, step, value, stamp = record
+        timestamp = None if stamp is None else naive_from_micros(stamp)
+        return Event(run, seq, Kind.METRICS, utc_from_micros(micros),
+                     {"name": name, "step": step, "value": value, "timestamp": timestamp})
+    kind, micros, body = record
+    return Event(run, seq, KINDS_BY_VALUE[kind], utc_from_micros(micros), body)
+
+
+def _point_of(event: Event) -> tuple | None:
+    """The point of a well-formed metric event, else None."""
+    if event.kind is Kind.METRICS:
+        try:
+            return metric_point(event)
+        except MalformedEvent:
+            pass
+    return None
 
 
 def _check_depth(body: dict) -> None:

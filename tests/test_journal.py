@@ -14,7 +14,8 @@ import pytest
 
 from runrelay.eventlog import codec
 from runrelay.eventlog import Durability, Journal, JournalCorrupt, JournalWriteError, JournalWriter, Kind, WriterBusy
-from runrelay.eventlog.events import check_run_uid, new_run_uid
+from runrelay.eventlog.events import Event, check_run_uid, new_run_uid
+from runrelay.eventlog.fold import Folding, MalformedEvent, RunState, fold_event
 from runrelay.eventlog.reader import _Outcome
 from runrelay.eventlog.writer import writer_alive
 
@@ -246,6 +247,49 @@ def test_a_metric_point_reads_back_the_same_on_the_fast_path_or_not(journal_dir)
         assert (event.body["name"], event.body["step"], event.body["timestamp"]) == (name, step, timestamp)
         assert type(event.body["value"]) is type(value) and (event.body["value"] == value or math.isnan(value))
     assert events[-1].body["name"] == "caf\\udce9"  # journaled with a marker, as append does
+
+
+def test_a_batch_holds_each_point_once_in_columns_whatever_its_shape_and_a_fold_only_read_none(journal_dir):
+    stamp = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
+    with JournalWriter.create(journal_dir) as writer:
+        writer.append(Kind.STARTED, {"command": "main", "start_time": stamp})
+        writer.append_metric("loss", 0, 0.5, stamp)  # columns
+        writer.append(Kind.METRICS, {"name": "loss", "step": 1, "value": 2, "timestamp": None})  # [kind, time, body]
+        writer.append_metric("", 2, 1.0, stamp)  # malformed (no name): an Event, for the fold to refuse
+        writer.append(Kind.HEARTBEAT, {"beat_time": stamp, "info": {}})
+        writer.append_metric("loss", 3, 1.5, None)
+    journal = Journal(journal_dir)
+    batch = journal.read_batch(writer.run, 0, 100)
+    assert list(zip(batch.points.seqs, batch.points.names, batch.points.steps, batch.points.values,
+                    batch.points.timestamps)) == [(1, "loss", 0, 0.5, stamp), (2, "loss", 1, 2, None),
+                                                  (5, "loss", 3, 1.5, None)]
+    assert [(event.seq, event.kind) for event in batch.events] == [(0, Kind.STARTED), (3, Kind.METRICS),
+                                                                   (4, Kind.HEARTBEAT)]
+    fold_only = journal.read_batch(writer.run, 0, 100, fold_only=True)
+    assert [event.seq for event in fold_only.events] == [0, 4]
+    assert (fold_only.end, fold_only.records, len(fold_only.points)) == (batch.end, 6, 0)
+    assert journal.read_batch(writer.run, 0, 3, fold_only=True).end == journal.read_batch(writer.run, 0, 3).end
+
+
+def test_folding_heartbeats_adds_their_output_in_order_and_a_replacement_drops_what_came_before():
+    run = new_run_uid()
+    beats = [{"captured_out_append": "a"}, {"captured_out_append": "b"}, {"captured_out": "new"},
+             {"captured_out_append": 42}, {"captured_out_append": "c"}, {}]
+    events = [Event(run, seq, Kind.HEARTBEAT, dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+                    {"beat_time": None, "info": {}, **body}) for seq, body in enumerate(beats)]
+    folding, one_by_one = Folding(RunState(run, captured_out="start:")), RunState(run, captured_out="start:")
+    for event in events[:2]:
+        folding.add(event)
+        one_by_one = fold_event(one_by_one, event)
+    assert folding.state.captured_out == one_by_one.captured_out == "start:ab"
+    for event in events[2:]:
+        try:
+            folding.add(event)
+            one_by_one = fold_event(one_by_one, event)
+        except MalformedEvent:
+            assert event.seq == 3  # refused: the folding is as it was
+    assert folding.state == one_by_one
+    assert (folding.state.captured_out, folding.state.last_seq) == ("newc", 5)
 
 
 def test_resume_checks_from_the_hint_and_without_it_checks_everything(journal_dir):
