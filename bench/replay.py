@@ -1,6 +1,6 @@
 """Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
-    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb]
+    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb,mongodb]
                            [--only replay,lag,restart,memory] [--lag-seconds S] [--lag-rate R]
                            [--memory-points N] [--profile] [--dir DIR]
 
@@ -24,10 +24,11 @@ command for the full-size figures (1,000,000 events).
     appends its metric points as fast as it can, for M/10 and for M points; the ratio says
     whether it grows with the run.
 
-PostgreSQL and MariaDB are throwaway servers from tests/servers.py, skipped (with the reason)
-if they cannot start here. Run with the venv's python (`runrelay` must be installed beside
-it). Figures are printed with the goals beside them, never asserted. --profile adds a
-cProfile of a separate SQLite replay's worker thread (the measured replays run without it).
+PostgreSQL, MariaDB and MongoDB (SecantusDB) are throwaway servers from tests/servers.py,
+skipped (with the reason) if they cannot start here. Run with the venv's python (`runrelay`
+must be installed beside it). Figures are printed with the goals beside them, never
+asserted. --profile adds a cProfile of a separate SQLite replay's worker thread (the
+measured replays run without it).
 """
 
 from __future__ import annotations
