@@ -1,6 +1,6 @@
 """Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
-    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb]
+    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb,mongodb]
                            [--only replay,lag,restart,memory] [--fixed-runs N] [--fixed-points N]
                            [--lag-seconds S] [--lag-rates R,R]
                            [--memory-points N] [--profile] [--dir DIR]
@@ -29,10 +29,11 @@ command for the full-size figures (1,000,000 events).
     appends its metric points as fast as it can, for M/10 and for M points; the ratio says
     whether it grows with the run.
 
-PostgreSQL and MariaDB are throwaway servers from tests/servers.py, skipped (with the reason)
-if they cannot start here. Run with the venv's python (`runrelay` must be installed beside
-it). Figures are printed with the goals beside them, never asserted. --profile adds a
-cProfile of a separate SQLite replay's worker thread (the measured replays run without it).
+PostgreSQL, MariaDB and MongoDB (SecantusDB) are throwaway servers from tests/servers.py,
+skipped (with the reason) if they cannot start here. Run with the venv's python (`runrelay`
+must be installed beside it). Figures are printed with the goals beside them, never
+asserted. --profile adds a cProfile of a separate SQLite replay's worker thread (the
+measured replays run without it).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ LAGGING_POINTS = 1000  # how far the sink is ahead of a lagging cursor (one smal
 WAIT_SECONDS = 600.0
 POLL_SECONDS = 0.001
 RSS_POLL_SECONDS = 0.05
-SINKS = ("sqlite", "postgresql", "mariadb")
+SINKS = ("sqlite", "postgresql", "mariadb", "mongodb")
 SECTIONS = ("replay", "lag", "restart", "memory")
 
 COLUMNS = "run_id, name, step, value, nonfinite, timestamp"
@@ -277,12 +278,104 @@ class MariaDBTarget(ServerTarget):
         db.commit()
 
 
+class MongoTarget(Target):
+    """MongoDB (SecantusDB from tests/servers.py, or $RUNRELAY_TEST_MONGO_URL). The baselines
+    write the sink's metric points again into a collection of the same database, indexed as
+    the sink's, with insert_many: one document per point, BULK_ROWS_PER_TRANSACTION per
+    call; and the sink's layout written by hand: each run's points cut in batches of that
+    many, a batch's points of one name one document (steps, values, timestamps), one call
+    per batch (what the sink sends, without its reads and conditional updates)."""
+
+    label = "MongoDB"
+    bulk_methods = ("insert_many, a document per point", "insert_many, a document per name and batch")
+
+    class Applied(Applied):
+        def __call__(self) -> dict[str, int]:
+            try:
+                if self._db is None:
+                    self._db = self.target.client(self.database)
+                found = self._db[self.database].runs.find({"runrelay.uid": {"$exists": True}}, {"runrelay": 1})
+                return {document["runrelay"]["uid"]: document["runrelay"]["applied"] for document in found}
+            except Exception:  # noqa: BLE001 - no server or no database yet, whatever the driver says
+                self.close()
+                return {}
+
+    def __init__(self, server):
+        self.server = server
+
+    @classmethod
+    def start(cls) -> list["MongoTarget"]:
+        """The target, its server started; none (said why) if it cannot run here."""
+        from servers import MongoServer, ServerUnavailable  # tests/servers.py
+
+        server = MongoServer(os.environ.get("RUNRELAY_TEST_MONGO_URL") or None)
+        try:
+            server.start()
+        except (ServerUnavailable, RuntimeError) as error:
+            print(f"  {server.name}: skipped: {error}")
+            server.cleanup()
+            return []
+        print(f"  {server.name} server started on {server.url('')}")
+        return [cls(server)]
+
+    def url(self, database: str) -> str:
+        return self.server.url(database)
+
+    def client(self, database: str):
+        import pymongo
+
+        return pymongo.MongoClient(self.server.url(database), serverSelectionTimeoutMS=5000, timeoutMS=60_000)
+
+    def applied(self, database: str) -> "MongoTarget.Applied":
+        return self.Applied(self, database)
+
+    def close(self) -> None:
+        self.server.cleanup()
+
+    def bulk(self, database: str) -> dict[str, tuple[int, float]]:
+        with contextlib.closing(self.client(database)) as client:
+            db = client[database]
+            points: dict[int, list[dict]] = {}
+            for document in db.metrics.find({}).sort("_id", 1):
+                points.setdefault(document["run_id"], []).extend(
+                    {"run_id": document["run_id"], "name": document["name"], "step": step, "value": value,
+                     "timestamp": timestamp}
+                    for step, value, timestamp in zip(document["steps"], document["values"], document["timestamps"]))
+            per_point, per_batch = [], []
+            for run_points in points.values():
+                run_points.sort(key=lambda point: point["timestamp"])  # the journal's order
+                for start in range(0, len(run_points), BULK_ROWS_PER_TRANSACTION):
+                    batch = run_points[start:start + BULK_ROWS_PER_TRANSACTION]
+                    per_point.append(batch)
+                    by_name: dict[str, dict] = {}
+                    for point in batch:
+                        series = by_name.setdefault(point["name"], {"run_id": point["run_id"], "name": point["name"],
+                                                                    "steps": [], "values": [], "timestamps": []})
+                        series["steps"].append(point["step"])
+                        series["values"].append(point["value"])
+                        series["timestamps"].append(point["timestamp"])
+                    per_batch.append(list(by_name.values()))
+            rows = sum(len(batch) for batch in per_point)
+            results = {}
+            for number, (method, batches) in enumerate(zip(self.bulk_methods, (per_point, per_batch))):
+                collection = db[f"bench_metric_{number}"]  # fresh, never dropped: a drop is slow in SecantusDB
+                collection.create_index([("run_id", 1), ("name", 1)])
+                begin = time.perf_counter()
+                for batch in batches:
+                    collection.insert_many(batch, ordered=True)
+                results[method] = (rows, time.perf_counter() - begin)
+        return results
+
+
 def start_targets(root: Path, wanted: list[str]) -> list[Target]:
     """The targets asked for that can run here; a server that cannot start is said and skipped."""
     targets: list[Target] = []
     for name in wanted:
         if name == "sqlite":
             targets.append(SQLiteTarget(root))
+            continue
+        if name == "mongodb":
+            targets += MongoTarget.start()
             continue
         try:
             from servers import MariaDBServer, PostgresServer, ServerUnavailable  # tests/servers.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import mimetypes
 import os
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ OUTPUT_BUDGET = 8 * 1024 * 1024  # captured output kept in a run document, at mo
 DEFAULT_POINTS_PER_DOCUMENT = 250_000  # ≈12 MB of steps, values and timestamps
 ID_ATTEMPTS = 20  # integer ids tried before a run's creation is called transient
 PART_NAME = "{name} [runrelay part {part}]"  # a metric's continuation document
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # BSON's widest integer
 
 
 def _points_option(value: Any) -> int:
@@ -130,7 +132,7 @@ class MongoSink(Sink):
 
         try:
             yield
-        except (pymongo.errors.PyMongoError, bson.errors.BSONError, gridfs.errors.GridFSError) as error:
+        except (pymongo.errors.PyMongoError, bson.errors.BSONError, gridfs.errors.GridFSError, OverflowError) as error:
             message = f"{self!r}{f' run {run}' if run else ''}: {mongo_client.summary(error)}"
             raise mongo_client.classified(error, message) from None
 
@@ -165,13 +167,13 @@ class MongoSink(Sink):
     def _fields(self, run_id: int | None, state: RunState, full: bool, changed: frozenset = frozenset()) -> dict:
         """The run document's fields from ``state``: all of them (``full``), else those the
         ``changed`` state fields set. Fields needing GridFS ids are left to ``_update``."""
-        fields = sacred.run_document(state) if full else sacred.run_fields_changed(state, changed)
+        fields = storable(sacred.run_document(state) if full else sacred.run_fields_changed(state, changed))
         if "start_time" in fields:
             fields["format"] = FORMAT
         if full:
-            fields.update(info=sacred.flat(_without_metrics(state.info)), artifacts=[], resources=[],
-                          captured_out=self._output(state, fields),
-                          experiment=sacred.untuple({**state.experiment, "sources": []}))
+            fields.update(info=_info(state), artifacts=[], resources=[],
+                          experiment=storable(sacred.untuple({**state.experiment, "sources": []})))
+            fields["captured_out"] = self._output(state, fields)
         return fields
 
     def _update(self, run_id: int, batch: Batch, ours: dict) -> dict:
@@ -180,7 +182,7 @@ class MongoSink(Sink):
         state, changed = batch.state, batch.changed
         fields = self._fields(run_id, state, full=False, changed=changed)
         if "experiment" in changed:
-            fields["experiment"] = {**sacred.untuple(state.experiment), "sources": self._sources(batch)}
+            fields["experiment"] = {**storable(sacred.untuple(state.experiment)), "sources": self._sources(batch)}
         if "artifacts" in changed:
             fields["artifacts"] = [{"name": entry["name"], "file_id": _file_id(batch.run, "artifact", entry["seq"])}
                                    for entry in state.artifacts]
@@ -188,7 +190,7 @@ class MongoSink(Sink):
             fields["resources"] = list({(entry["filename"], entry["md5"]): [entry["filename"], entry["md5"]]
                                         for entry in state.resources}.values())
         if "info" in changed or len(batch.points):  # the metric documents may be new
-            fields["info"] = {**sacred.flat(_without_metrics(state.info)), **self._metrics_info(run_id)}
+            fields["info"] = {**_info(state), **self._metrics_info(run_id)}
         if "captured_out" in changed:
             fields["captured_out"] = self._output(state, fields)
         if "death" in changed:
@@ -227,7 +229,7 @@ class MongoSink(Sink):
         for entry in batch.artifacts:
             self._put(batch.run, entry, _file_id(batch.run, "artifact", entry["seq"]),
                       f"artifact {entry['name']!r}", filename=f"artifact://{self.runs_name}/{run_id}/{entry['name']}",
-                      metadata=entry.get("metadata"), contentType=_content_type(entry))
+                      metadata=storable(entry.get("metadata")), contentType=_content_type(entry))
         for entry in batch.resources:
             self._shared(batch.run, entry, entry["filename"], _file_id(batch.run, "resource", entry["seq"]), "resource")
         MetricWriter(self, run_id, batch, redelivery).write()
@@ -310,7 +312,8 @@ class MetricWriter:
         for documents in parts.values():
             documents.sort(key=lambda document: document["part"])
         by_name: dict[str, list[tuple]] = {}
-        for row in zip(points.seqs, points.names, points.steps, points.values, points.timestamps):
+        for row in zip(points.seqs, points.names, map(storable_number, points.steps),
+                       map(storable_number, points.values), points.timestamps):
             by_name.setdefault(row[1], []).append(row)
         operations = []
         for name, rows in by_name.items():
@@ -366,6 +369,43 @@ class MetricWriter:
                 "timestamps": [row[4] for row in rows], "runrelay": ours}
 
 
+# --- values MongoDB cannot hold as they are ---------------------------------------------------
+
+
+def storable(value: Any) -> Any:
+    """A run field's value as MongoDB holds it, by Sacred's MongoObserver's rule
+    (``force_valid_bson_key``, ``force_bson_encodeable``): a key starting with ``$`` starts
+    with ``@`` instead and a ``.`` in a key is ``,`` (a second key renamed alike gets more
+    commas: nothing is lost); an int beyond BSON's 64 bits is its decimal string."""
+    if isinstance(value, dict):
+        stored = {}
+        for key, item in value.items():
+            name = key if isinstance(key, str) else str(key)
+            if name.startswith("$") or "." in name:
+                name = "@" + name[1:] if name.startswith("$") else name
+                name = name.replace(".", ",")
+                while name in value or name in stored:
+                    name += ","
+            stored[name] = storable(item)
+        return stored
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        return str(value)
+    return value
+
+
+def storable_number(value: Any) -> Any:
+    """A metric step or value as MongoDB holds it: an int beyond BSON's 64 bits as the
+    nearest float (a series stays numeric for the readers), ±inf past a float's range."""
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return value
+
+
 # --- small helpers ----------------------------------------------------------------------------
 
 
@@ -383,10 +423,10 @@ def _content_type(entry: dict) -> str | None:
     return mimetypes.guess_type(entry.get("filename") or entry["name"], strict=False)[0]
 
 
-def _without_metrics(info: dict) -> dict:
+def _info(state: RunState) -> dict:
     """The run's info without ``metrics``: a MongoObserver beside runrelay adds its own
     metric ids there (it mutates the run's info); this database's are written instead."""
-    return {key: value for key, value in info.items() if key != "metrics"}
+    return storable(sacred.flat({key: value for key, value in state.info.items() if key != "metrics"}))
 
 
 def _death(state: RunState) -> str | None:

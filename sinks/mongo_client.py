@@ -126,7 +126,8 @@ def classified(error: Exception, message: str, seq: int | None = None) -> Except
     import bson.errors
     from pymongo import errors
 
-    if isinstance(error, (errors.DocumentTooLarge, bson.errors.InvalidDocument, bson.errors.InvalidStringData)):
+    if isinstance(error, (errors.DocumentTooLarge, bson.errors.InvalidDocument, bson.errors.InvalidStringData,
+                          OverflowError)):  # OverflowError: bson's "only up to 8-byte ints"
         return PermanentSinkError(message, seq)
     if isinstance(error, (errors.ConfigurationError, errors.InvalidName, errors.InvalidURI)):
         return UnusableSinkError(message)

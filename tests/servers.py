@@ -333,9 +333,12 @@ class MongoServer(Server):
     install_hint = "pip install SecantusDB (in the test extra)"
     stop_signal = signal.SIGTERM
 
-    def __init__(self, external_url: str | None = None):
+    def __init__(self, external_url: str | None = None, user: tuple[str, str, str] | None = None):
+        """``user``: (name, password, database): the server requires authentication and
+        knows this one user, allowed to read and write that database only."""
         super().__init__(Path(sys.executable).parent)
         self.external_url = external_url.rstrip("/") if external_url else None
+        self.user = user
 
     def url(self, database: str) -> str:
         if self.external_url:
@@ -372,16 +375,29 @@ class MongoServer(Server):
 
     def _initialize(self) -> None:
         self.data_dir.mkdir()
+        if self.user:  # SecantusDB takes users made by a client of the server without --auth
+            name, password, database = self.user
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self._command(auth=False), stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=self.root, start_new_session=True)
+            try:
+                self.wait_ready()
+                with pymongo.MongoClient(f"mongodb://127.0.0.1:{self.port}", serverSelectionTimeoutMS=5000) as client:
+                    client[database].command("createUser", name, pwd=password,
+                                             roles=[{"role": "readWrite", "db": database}])
+            finally:
+                self.stop()
 
-    def _command(self) -> list[str]:
+    def _command(self, auth: bool = True) -> list[str]:
         return [str(self.program("secantusd-py")), "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage-path", str(self.data_dir), "--log-level", "WARNING", "--sync-on-commit", "--standalone"]
+                "--storage-path", str(self.data_dir), "--log-level", "WARNING", "--sync-on-commit", "--standalone",
+                *(["--auth"] if auth and self.user else [])]
 
     def _accepts_connections(self) -> bool:
         client = pymongo.MongoClient(f"mongodb://127.0.0.1:{self.port}", serverSelectionTimeoutMS=200,
                                      connectTimeoutMS=200, timeoutMS=1000)
         try:
-            client.admin.command("ping")
+            client.admin.command("hello")  # a handshake: answered without authentication
             return True
         except pymongo.errors.PyMongoError:
             return False

@@ -97,6 +97,13 @@ def assert_mongo_matches_journal(url: str, journal_dir: Path) -> dict[str, int]:
         for entry in metric_documents for step, value in zip(entry["steps"], entry["values"]))
     problems += differences(points, stored_points, "metric point")
     problems += differences(artifacts, stored_artifacts, "artifact")
+    # one file per artifact event, per distinct resource and per distinct source (shared by name and md5)
+    resources = {(entry["filename"], entry["md5"]) for state in states.values() for entry in state.resources}
+    sources = {(state.experiment.get("base_dir"), *pair) for state in states.values()
+               for pair in map(tuple, state.experiment.get("sources", []))}
+    if files != sum(artifacts.values()) + len(resources) + len(sources):
+        problems.append(f"{files} GridFS files for {sum(artifacts.values())} artifacts, {len(resources)} resources "
+                        f"and {len(sources)} sources")
     if orphan_chunks:
         problems.append(f"{orphan_chunks} GridFS chunk sets without a file")
     assert not problems, f"{len(problems)} difference(s) between Mongo and the journal:\n" + "\n".join(problems[:40])
