@@ -27,6 +27,7 @@ from runrelay.daemon.notify import Notifier
 from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore, StateUnavailable
 from runrelay.daemon.status import SinkStatus, sink_status
 from runrelay.daemon.supervisor import Supervisor
+from runrelay.daemon.verdicts import DeathWatch
 from runrelay.eventlog.events import micros_now
 from runrelay.eventlog.fsutil import make_private_dir
 from runrelay.eventlog.reader import Journal
@@ -128,7 +129,13 @@ def run_daemon(config: Config) -> int:
             supervisor.on_stop(doorbell.ring)
             for worker in workers:
                 _supervise(supervisor, worker)
-            supervisor.add(Discovery.name, Discovery(journal.root, config.delivery.rescan_seconds, doorbell).run)
+            watch = _death_watch(config, journal, store) if config.dead_runs.judge else None
+            if watch is not None:
+                supervisor.add(watch.name, watch.run, essential=False, liveness=watch.liveness)
+                supervisor.on_stop(watch.wake)
+            discovery = Discovery(journal.root, config.delivery.rescan_seconds, doorbell,
+                                  watch.writer_closed if watch is not None else None)
+            supervisor.add(Discovery.name, discovery.run)
             failed = _serve(config, supervisor, signals, workers)
             clean = supervisor.stop(config.shutdown_seconds)
             if clean:
@@ -139,6 +146,15 @@ def run_daemon(config: Config) -> int:
         return EXIT_UNDELIVERED
     log.info("stopped; cursors saved")
     return EXIT_OK
+
+
+def _death_watch(config: Config, journal: Journal, store: StateStore | None) -> DeathWatch:
+    """The dead-run watch; runs a sink has seen end are never looked at again."""
+    ended = {run for sink in config.sinks for run, cursor in (store.cursors(sink.name) if store else {}).items()
+             if cursor.done}
+    settings = config.dead_runs
+    return DeathWatch(journal, stalled_seconds=settings.stalled_seconds, poll_seconds=settings.poll_seconds,
+                      died_status=settings.status, settled=ended)
 
 
 def _wait_for_state(config: Config, signals: _Signals, make_workers):
@@ -347,6 +363,7 @@ def collect_status(config: Config) -> dict:
         sinks.append(status)
         if letters:
             letters.close()
+    verdicts = _death_watch(config, journal, store).survey()
     if store:
         store.close()
     return {
@@ -354,6 +371,8 @@ def collect_status(config: Config) -> dict:
         "state": str(config.state),
         "daemon_pid": DeliveryLock(config.state).holder(),
         "sinks": [status.as_json() for status in sinks],
+        "runs": [{"run": verdict.run, "condition": verdict.condition, "reason": verdict.reason}
+                 for verdict in verdicts],
     }
 
 

@@ -70,7 +70,7 @@ class RunState:
 
 _DESCRIBED = frozenset({"status", "sacred_id", "command", "experiment", "host", "meta", "config", "sources"})
 _ENDED = frozenset({"status", "stop_time"})
-_REVIVED = frozenset({"status", "stop_time", "death"})
+_REVIVED = frozenset({"status", "stop_time", "fail_trace", "death"})
 
 # Which RunState fields each kind of event sets (SQL maps them to columns, Mongo to $set
 # keys). An event after a standing death verdict also sets _REVIVED (the verdict is withdrawn).
@@ -84,7 +84,7 @@ SETS: dict[Kind, frozenset[str]] = {
     Kind.COMPLETED: _ENDED | {"result"},
     Kind.INTERRUPTED: _ENDED,
     Kind.FAILED: _ENDED | {"fail_trace"},
-    Kind.DIED: _ENDED | {"death"},
+    Kind.DIED: _ENDED | {"fail_trace", "death"},
 }
 STATE_FIELDS = tuple(f.name for f in fields(RunState))
 
@@ -136,7 +136,8 @@ def fold_event(state: RunState, event: Event) -> RunState:
     except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:
         raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
     if state.death is not None and event.kind is not Kind.DIED:
-        changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, **changes}  # withdrawn
+        changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, "fail_trace": None,
+                   **changes}  # withdrawn
     return dataclasses.replace(state, last_seq=event.seq, **changes)
 
 
@@ -297,12 +298,14 @@ def _failed(state: RunState, body: dict, seq: int) -> dict:
 
 def _died(state: RunState, body: dict, seq: int) -> dict:
     status = _checked(body.get("status") or Status.DIED.value, str, "status")
-    _optional(body, "reason", str)
+    reason = _optional(body, "reason", str)
     last_heartbeat = _time(body, "last_heartbeat")
     _time(body, "detected_time")
     if state.finished and state.death is None:
         return {}  # a real ending already stands; a late verdict changes nothing
-    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time, "death": body}
+    trace = (f"runrelay judged the run dead: {reason or 'no reason given'}\n",)  # where readers show why a run ended
+    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time, "fail_trace": trace,
+            "death": body}
 
 
 # --- checks ----------------------------------------------------------------------------------
