@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -126,11 +127,16 @@ def daemon_delivers_and_stays(place: Place, good: list[str], **env) -> str:
     """The daemon delivers the good runs, keeps running, and stops cleanly on SIGTERM."""
     command = env.pop("_command", [])
     location = ["--journal", str(place.journal), "--state", str(place.state), "--sink", place.url]
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready.bind(str(place.root / f"notify-{time.monotonic_ns()}.sock"))
+    ready.settimeout(CASE_SECONDS)
     daemon = subprocess.Popen(
         [*command, sys.executable, "-m", "runrelay.daemon.cli", "daemon", *location], stderr=subprocess.PIPE,
-        text=True, env={"RUNRELAY_HOME": str(place.root), "PATH": "/usr/bin:/bin",
+        text=True, env={"RUNRELAY_HOME": str(place.root), "PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": ready.getsockname(),
                         "RUNRELAY_DELIVERY_RESCAN_SECONDS": "0.2", **env})
     try:
+        with ready:  # from READY=1 on, SIGTERM is a clean stop (before it, the process may still be importing)
+            assert ready.recv(4096).startswith(b"READY=1"), "the daemon never said READY=1"
         deadline = time.monotonic() + CASE_SECONDS
         while time.monotonic() < deadline and daemon.poll() is None:
             if all(delivered_runs(place).get(run) == "COMPLETED" for run in good):
