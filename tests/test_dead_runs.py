@@ -15,6 +15,7 @@ import pytest
 
 from runrelay.daemon.verdicts import DeathWatch, Host
 from runrelay.eventlog.events import Kind
+from runrelay.eventlog.fold import fold
 from runrelay.eventlog.reader import Journal
 from runrelay.eventlog.recorder import Recorder, process_info, start_ticks, utc_now
 from runrelay.eventlog.writer import JournalWriter
@@ -241,3 +242,23 @@ def test_status_names_stalled_and_dead_runs_of_this_host(tmp_path, journal):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_killed_sacred_experiment_gets_one_died_verdict_after_all_it_journaled(journal):
+    experiment = Path(__file__).parent / "experiments" / "endless_experiment.py"
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen([sys.executable, str(experiment), "-j", str(journal.root), "-b", "0.05", "with",
+                              f"report_fd={write_fd}", "pause=0.01"], pass_fds=[write_fd],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as reports:
+        reports.readline()  # under way
+        child.kill()
+        child.wait()
+    [run] = journal.runs()
+    watch = DeathWatch(journal)
+    [verdict] = watch.survey()
+    assert watch.record(verdict)
+    events = list(journal.events(run))
+    assert events[-1].kind is Kind.DIED and [e.kind for e in events].count(Kind.DIED) == 1
+    assert fold(events).status == "DIED"
