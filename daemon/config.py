@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ DEFAULT_SHUTDOWN_SECONDS = 10.0
 DEFAULT_DEAD_RUNS_POLL_SECONDS = 1.0  # a full look; a writer lock closed is seen at once (inotify)
 DEFAULT_DEAD_RUNS_STALLED_SECONDS = 60.0  # Sacred beats every 10 s
 DEFAULT_DEAD_RUNS_STATUS = "DIED"
+DEFAULT_DEAD_RUNS_REPORT_SECONDS = 10.0
+DEFAULT_WATCHDOG_HOST_SILENT_SECONDS = 300.0
+DEFAULT_WATCHDOG_STALE_SECONDS = 300.0
+DEFAULT_WATCHDOG_EVERY_SECONDS = 60.0
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -84,6 +89,15 @@ class DeadRuns:
     poll_seconds: float = DEFAULT_DEAD_RUNS_POLL_SECONDS
     stalled_seconds: float = DEFAULT_DEAD_RUNS_STALLED_SECONDS
     status: str = DEFAULT_DEAD_RUNS_STATUS
+    host: str = ""  # the name this host's runs record (process.host) and its daemon reports under
+    report_seconds: float = DEFAULT_DEAD_RUNS_REPORT_SECONDS
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    host_silent_seconds: float = DEFAULT_WATCHDOG_HOST_SILENT_SECONDS
+    stale_seconds: float = DEFAULT_WATCHDOG_STALE_SECONDS
+    every_seconds: float = DEFAULT_WATCHDOG_EVERY_SECONDS
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,7 @@ class Config:
     delivery: Delivery = Delivery()
     retry: RetryPolicy = RetryPolicy()
     dead_runs: DeadRuns = DeadRuns()
+    watchdog: WatchdogSettings = WatchdogSettings()
     shutdown_seconds: float = DEFAULT_SHUTDOWN_SECONDS
     log_level: str = DEFAULT_LOG_LEVEL
     source: str | None = None  # the config file used, if any
@@ -178,6 +193,12 @@ def _status(value: Any) -> str:
     return value
 
 
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 255:
+        raise ValueError(f"expected a host name (at most 255 characters), got {value!r}")
+    return value.strip()
+
+
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -231,6 +252,11 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "dead_runs.poll_seconds": _seconds(True),
     "dead_runs.stalled_seconds": _seconds(True),
     "dead_runs.status": _status,
+    "dead_runs.host": _host,
+    "dead_runs.report_seconds": _seconds(True),
+    "watchdog.host_silent_seconds": _seconds(True),
+    "watchdog.stale_seconds": _seconds(True),
+    "watchdog.every_seconds": _seconds(True),
 }
 
 
@@ -289,6 +315,11 @@ def defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "dead_runs.poll_seconds": DEFAULT_DEAD_RUNS_POLL_SECONDS,
         "dead_runs.stalled_seconds": DEFAULT_DEAD_RUNS_STALLED_SECONDS,
         "dead_runs.status": DEFAULT_DEAD_RUNS_STATUS,
+        "dead_runs.host": socket.gethostname(),  # what producers record
+        "dead_runs.report_seconds": DEFAULT_DEAD_RUNS_REPORT_SECONDS,
+        "watchdog.host_silent_seconds": DEFAULT_WATCHDOG_HOST_SILENT_SECONDS,
+        "watchdog.stale_seconds": DEFAULT_WATCHDOG_STALE_SECONDS,
+        "watchdog.every_seconds": DEFAULT_WATCHDOG_EVERY_SECONDS,
     }
 
 
@@ -407,7 +438,9 @@ def validate(
                                                                  "jitter_seconds", "give_up_seconds",
                                                                  "unusable_seconds"))),
         dead_runs=DeadRuns(*(values[f"dead_runs.{name}"] for name in ("judge", "poll_seconds", "stalled_seconds",
-                                                                       "status"))),
+                                                                       "status", "host", "report_seconds"))),
+        watchdog=WatchdogSettings(*(values[f"watchdog.{name}"] for name in ("host_silent_seconds", "stale_seconds",
+                                                                            "every_seconds"))),
         shutdown_seconds=values["shutdown_seconds"],
         log_level=values["log_level"],
         source=source,

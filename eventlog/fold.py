@@ -70,10 +70,10 @@ class RunState:
 
 _DESCRIBED = frozenset({"status", "sacred_id", "command", "experiment", "host", "meta", "config", "sources"})
 _ENDED = frozenset({"status", "stop_time"})
-_REVIVED = frozenset({"status", "stop_time", "fail_trace", "death"})
+REVIVED = frozenset({"status", "stop_time", "fail_trace", "death"})
 
 # Which RunState fields each kind of event sets (SQL maps them to columns, Mongo to $set
-# keys). An event after a standing death verdict also sets _REVIVED (the verdict is withdrawn).
+# keys). An event after a standing death verdict also sets REVIVED (the verdict is withdrawn).
 SETS: dict[Kind, frozenset[str]] = {
     Kind.QUEUED: _DESCRIBED | {"queue_time"},
     Kind.STARTED: _DESCRIBED | {"start_time", "process"},
@@ -121,7 +121,7 @@ def fold_changes(state: RunState, events: Iterable[Event]) -> Folded:
         if event.seq <= state.last_seq:
             continue
         if state.death is not None and event.kind is not Kind.DIED:
-            changed |= _REVIVED
+            changed |= REVIVED
         state = fold_event(state, event)
         changed |= SETS[event.kind]
     return Folded(state, frozenset(changed))
@@ -303,9 +303,13 @@ def _died(state: RunState, body: dict, seq: int) -> dict:
     _time(body, "detected_time")
     if state.finished and state.death is None:
         return {}  # a real ending already stands; a late verdict changes nothing
-    trace = (f"runrelay judged the run dead: {reason or 'no reason given'}\n",)  # where readers show why a run ended
-    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time, "fail_trace": trace,
-            "death": body}
+    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time,
+            "fail_trace": death_trace(reason), "death": body}
+
+
+def death_trace(reason: str | None) -> tuple[str, ...]:
+    """A death verdict's ``fail_trace``: where readers show why a run ended."""
+    return (f"runrelay judged the run dead: {reason or 'no reason given'}\n",)
 
 
 # --- checks ----------------------------------------------------------------------------------
