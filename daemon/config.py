@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,13 @@ DEFAULT_RETRY_JITTER_SECONDS = 1.0
 DEFAULT_RETRY_GIVE_UP_SECONDS = 60.0
 DEFAULT_RETRY_UNUSABLE_SECONDS = 60.0
 DEFAULT_SHUTDOWN_SECONDS = 10.0
+DEFAULT_DEAD_RUNS_POLL_SECONDS = 1.0  # a full look; a writer lock closed is seen at once (inotify)
+DEFAULT_DEAD_RUNS_STALLED_SECONDS = 60.0  # Sacred beats every 10 s
+DEFAULT_DEAD_RUNS_STATUS = "DIED"
+DEFAULT_DEAD_RUNS_REPORT_SECONDS = 10.0
+DEFAULT_WATCHDOG_HOST_SILENT_SECONDS = 300.0
+DEFAULT_WATCHDOG_STALE_SECONDS = 300.0
+DEFAULT_WATCHDOG_EVERY_SECONDS = 60.0
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -76,6 +84,23 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DeadRuns:
+    judge: bool = True
+    poll_seconds: float = DEFAULT_DEAD_RUNS_POLL_SECONDS
+    stalled_seconds: float = DEFAULT_DEAD_RUNS_STALLED_SECONDS
+    status: str = DEFAULT_DEAD_RUNS_STATUS
+    host: str = ""  # the name this host's runs record (process.host) and its daemon reports under
+    report_seconds: float = DEFAULT_DEAD_RUNS_REPORT_SECONDS
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    host_silent_seconds: float = DEFAULT_WATCHDOG_HOST_SILENT_SECONDS
+    stale_seconds: float = DEFAULT_WATCHDOG_STALE_SECONDS
+    every_seconds: float = DEFAULT_WATCHDOG_EVERY_SECONDS
+
+
+@dataclass(frozen=True)
 class SinkConfig:
     """One configured sink: its name keys cursors, health, dead letters and logs."""
 
@@ -91,6 +116,8 @@ class Config:
     sinks: tuple[SinkConfig, ...]
     delivery: Delivery = Delivery()
     retry: RetryPolicy = RetryPolicy()
+    dead_runs: DeadRuns = DeadRuns()
+    watchdog: WatchdogSettings = WatchdogSettings()
     shutdown_seconds: float = DEFAULT_SHUTDOWN_SECONDS
     log_level: str = DEFAULT_LOG_LEVEL
     source: str | None = None  # the config file used, if any
@@ -148,6 +175,30 @@ def _number_text(text: str, kind: type) -> Any:
         raise ValueError(f"expected a number, got {text!r}") from None
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+_STATUS = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+def _status(value: Any) -> str:
+    if not isinstance(value, str) or not _STATUS.match(value) or value in ("RUNNING", "QUEUED"):
+        raise ValueError(f"expected an ending status in capitals (letters, digits, '_', at most 64), e.g. DIED or "
+                         f"FAILED, got {value!r}")
+    return value
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 255:
+        raise ValueError(f"expected a host name (at most 255 characters), got {value!r}")
+    return value.strip()
+
+
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -197,6 +248,15 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "retry.jitter_seconds": _seconds(False),
     "retry.give_up_seconds": _seconds(True),
     "retry.unusable_seconds": _seconds(True),
+    "dead_runs.judge": _flag,
+    "dead_runs.poll_seconds": _seconds(True),
+    "dead_runs.stalled_seconds": _seconds(True),
+    "dead_runs.status": _status,
+    "dead_runs.host": _host,
+    "dead_runs.report_seconds": _seconds(True),
+    "watchdog.host_silent_seconds": _seconds(True),
+    "watchdog.stale_seconds": _seconds(True),
+    "watchdog.every_seconds": _seconds(True),
 }
 
 
@@ -251,6 +311,15 @@ def defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "retry.jitter_seconds": DEFAULT_RETRY_JITTER_SECONDS,
         "retry.give_up_seconds": DEFAULT_RETRY_GIVE_UP_SECONDS,
         "retry.unusable_seconds": DEFAULT_RETRY_UNUSABLE_SECONDS,
+        "dead_runs.judge": True,
+        "dead_runs.poll_seconds": DEFAULT_DEAD_RUNS_POLL_SECONDS,
+        "dead_runs.stalled_seconds": DEFAULT_DEAD_RUNS_STALLED_SECONDS,
+        "dead_runs.status": DEFAULT_DEAD_RUNS_STATUS,
+        "dead_runs.host": socket.gethostname(),  # what producers record
+        "dead_runs.report_seconds": DEFAULT_DEAD_RUNS_REPORT_SECONDS,
+        "watchdog.host_silent_seconds": DEFAULT_WATCHDOG_HOST_SILENT_SECONDS,
+        "watchdog.stale_seconds": DEFAULT_WATCHDOG_STALE_SECONDS,
+        "watchdog.every_seconds": DEFAULT_WATCHDOG_EVERY_SECONDS,
     }
 
 
@@ -368,6 +437,10 @@ def validate(
         retry=RetryPolicy(*(values[f"retry.{name}"] for name in ("initial_seconds", "max_seconds", "multiplier",
                                                                  "jitter_seconds", "give_up_seconds",
                                                                  "unusable_seconds"))),
+        dead_runs=DeadRuns(*(values[f"dead_runs.{name}"] for name in ("judge", "poll_seconds", "stalled_seconds",
+                                                                       "status", "host", "report_seconds"))),
+        watchdog=WatchdogSettings(*(values[f"watchdog.{name}"] for name in ("host_silent_seconds", "stale_seconds",
+                                                                            "every_seconds"))),
         shutdown_seconds=values["shutdown_seconds"],
         log_level=values["log_level"],
         source=source,

@@ -9,11 +9,15 @@ the journal); discovery only rings the bell.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+
+from runrelay.eventlog.writer import LOCK_FILE
 
 log = logging.getLogger("runrelay.discovery")
 
@@ -43,12 +47,17 @@ _WRITES = frozenset({"created", "modified", "moved", "closed"})
 
 
 class _Ring(FileSystemEventHandler):
-    def __init__(self, doorbell: Doorbell):
+    def __init__(self, doorbell: Doorbell, on_lock_closed: Callable[[str], None] | None):
         self._doorbell = doorbell
+        self._on_lock_closed = on_lock_closed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _WRITES and (not event.is_directory or event.event_type == "created"):
             self._doorbell.ring()
+        if event.event_type == "closed" and self._on_lock_closed is not None:
+            path = os.fsdecode(event.src_path)
+            if os.path.basename(path) == LOCK_FILE:  # its writer closed it: ended, or died
+                self._on_lock_closed(os.path.basename(os.path.dirname(path)))
 
 
 class Discovery:
@@ -56,10 +65,12 @@ class Discovery:
 
     name = "discovery"
 
-    def __init__(self, root: Path, rescan_seconds: float, doorbell: Doorbell):
+    def __init__(self, root: Path, rescan_seconds: float, doorbell: Doorbell,
+                 on_lock_closed: Callable[[str], None] | None = None):
         self.root = root
         self.rescan_seconds = rescan_seconds
         self.doorbell = doorbell
+        self.on_lock_closed = on_lock_closed  # called with the run's uid when a writer lock is closed
 
     def run(self, stop: threading.Event) -> None:
         observer = self._watch()
@@ -80,7 +91,7 @@ class Discovery:
         delivery goes on at the rescan's pace rather than stopping."""
         observer = Observer()
         try:
-            observer.schedule(_Ring(self.doorbell), str(self.root), recursive=True)
+            observer.schedule(_Ring(self.doorbell, self.on_lock_closed), str(self.root), recursive=True)
             observer.start()
         except OSError as error:
             log.warning("cannot watch %s with inotify (%s); finding new events by rescan only (every %s s)",

@@ -27,6 +27,8 @@ from runrelay.daemon.notify import Notifier
 from runrelay.daemon.state import Cursor, DeliveryLock, Health, StateStore, StateUnavailable
 from runrelay.daemon.status import SinkStatus, sink_status
 from runrelay.daemon.supervisor import Supervisor
+from runrelay.daemon.verdicts import DeathWatch, Host
+from runrelay.daemon.watchdog import HostReports, Watchdog, central
 from runrelay.eventlog.events import micros_now
 from runrelay.eventlog.fsutil import make_private_dir
 from runrelay.eventlog.reader import Journal
@@ -128,7 +130,19 @@ def run_daemon(config: Config) -> int:
             supervisor.on_stop(doorbell.ring)
             for worker in workers:
                 _supervise(supervisor, worker)
-            supervisor.add(Discovery.name, Discovery(journal.root, config.delivery.rescan_seconds, doorbell).run)
+            watch = _death_watch(config, journal, store) if config.dead_runs.judge else None
+            if watch is not None:
+                supervisor.add(watch.name, watch.run, essential=False, liveness=watch.liveness)
+                supervisor.on_stop(watch.wake)
+            reporting = central(_sinks(config, journal))
+            if reporting:
+                reports = HostReports(config.dead_runs.host, reporting, config.dead_runs.report_seconds)
+                stuck = max(sink.timeout_seconds for sink in reporting) * 2 + STUCK_MARGIN_SECONDS
+                supervisor.add(reports.name, reports.run, essential=False, liveness=reports.liveness,
+                               stuck_seconds=stuck)
+            discovery = Discovery(journal.root, config.delivery.rescan_seconds, doorbell,
+                                  watch.writer_closed if watch is not None else None)
+            supervisor.add(Discovery.name, discovery.run)
             failed = _serve(config, supervisor, signals, workers)
             clean = supervisor.stop(config.shutdown_seconds)
             if clean:
@@ -138,6 +152,45 @@ def run_daemon(config: Config) -> int:
     if failed or not clean:
         return EXIT_UNDELIVERED
     log.info("stopped; cursors saved")
+    return EXIT_OK
+
+
+def _death_watch(config: Config, journal: Journal, store: StateStore | None) -> DeathWatch:
+    """The dead-run watch; runs a sink has seen end are never looked at again."""
+    ended = {run for sink in config.sinks for run, cursor in (store.cursors(sink.name) if store else {}).items()
+             if cursor.done}
+    settings = config.dead_runs
+    return DeathWatch(journal, Host(settings.host, Host.this().boot_id), stalled_seconds=settings.stalled_seconds,
+                      poll_seconds=settings.poll_seconds, died_status=settings.status, settled=ended)
+
+
+def _sinks(config: Config, journal: Journal) -> list[Sink]:
+    """New instances of the configured sinks (not opened): for a loop of their own."""
+    return [sink_for(sink.name, sink.url, sink.options, journal) for sink in config.sinks]
+
+
+WATCHDOG_SIGNAL_POLL_SECONDS = 0.2
+
+
+def run_watchdog(config: Config, once: bool) -> int:
+    """Central verdicts for silent hosts in every configured sink that takes them."""
+    sinks = central(_sinks(config, journal=None))
+    if not sinks:
+        raise UserError("none of the configured sinks takes central verdicts (SQL sinks do)")
+    settings = config.watchdog
+    watchdog = Watchdog(sinks, settings.host_silent_seconds, settings.stale_seconds, config.dead_runs.status)
+    try:
+        with _Signals() as signals:
+            while True:
+                watchdog.once()
+                due = time.monotonic() + settings.every_seconds
+                while not once and signals.received is None and time.monotonic() < due:
+                    time.sleep(WATCHDOG_SIGNAL_POLL_SECONDS)
+                if once or signals.received is not None:
+                    break
+    finally:
+        for sink in sinks:
+            sink.close()
     return EXIT_OK
 
 
@@ -347,6 +400,7 @@ def collect_status(config: Config) -> dict:
         sinks.append(status)
         if letters:
             letters.close()
+    verdicts = _death_watch(config, journal, store).survey()
     if store:
         store.close()
     return {
@@ -354,6 +408,8 @@ def collect_status(config: Config) -> dict:
         "state": str(config.state),
         "daemon_pid": DeliveryLock(config.state).holder(),
         "sinks": [status.as_json() for status in sinks],
+        "runs": [{"run": verdict.run, "condition": verdict.condition, "reason": verdict.reason}
+                 for verdict in verdicts],
     }
 
 

@@ -70,10 +70,10 @@ class RunState:
 
 _DESCRIBED = frozenset({"status", "sacred_id", "command", "experiment", "host", "meta", "config", "sources"})
 _ENDED = frozenset({"status", "stop_time"})
-_REVIVED = frozenset({"status", "stop_time", "death"})
+REVIVED = frozenset({"status", "stop_time", "fail_trace", "death"})
 
 # Which RunState fields each kind of event sets (SQL maps them to columns, Mongo to $set
-# keys). An event after a standing death verdict also sets _REVIVED (the verdict is withdrawn).
+# keys). An event after a standing death verdict also sets REVIVED (the verdict is withdrawn).
 SETS: dict[Kind, frozenset[str]] = {
     Kind.QUEUED: _DESCRIBED | {"queue_time"},
     Kind.STARTED: _DESCRIBED | {"start_time", "process"},
@@ -84,7 +84,7 @@ SETS: dict[Kind, frozenset[str]] = {
     Kind.COMPLETED: _ENDED | {"result"},
     Kind.INTERRUPTED: _ENDED,
     Kind.FAILED: _ENDED | {"fail_trace"},
-    Kind.DIED: _ENDED | {"death"},
+    Kind.DIED: _ENDED | {"fail_trace", "death"},
 }
 STATE_FIELDS = tuple(f.name for f in fields(RunState))
 _ADDED_OUTPUT = "captured_out added"  # a folder's change: output to add to captured_out
@@ -147,7 +147,7 @@ class Folding:
             self._added = []  # replaced
         self._state = dataclasses.replace(state, last_seq=event.seq, **changes)
         revived = state.death is not None and event.kind is not Kind.DIED
-        return SETS[event.kind] | _REVIVED if revived else SETS[event.kind]
+        return SETS[event.kind] | REVIVED if revived else SETS[event.kind]
 
 
 def _changes(state: RunState, event: Event) -> dict:
@@ -157,7 +157,8 @@ def _changes(state: RunState, event: Event) -> dict:
     except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:
         raise MalformedEvent(event.run, event.seq, event.kind, f"{type(error).__name__}: {error}") from None
     if state.death is not None and event.kind is not Kind.DIED:
-        changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, **changes}  # withdrawn
+        changes = {"death": None, "status": Status.RUNNING.value, "stop_time": None, "fail_trace": None,
+                   **changes}  # withdrawn
     return changes
 
 
@@ -318,12 +319,18 @@ def _failed(state: RunState, body: dict, seq: int) -> dict:
 
 def _died(state: RunState, body: dict, seq: int) -> dict:
     status = _checked(body.get("status") or Status.DIED.value, str, "status")
-    _optional(body, "reason", str)
+    reason = _optional(body, "reason", str)
     last_heartbeat = _time(body, "last_heartbeat")
     _time(body, "detected_time")
     if state.finished and state.death is None:
         return {}  # a real ending already stands; a late verdict changes nothing
-    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time, "death": body}
+    return {"status": status, "stop_time": last_heartbeat or state.heartbeat or state.start_time,
+            "fail_trace": death_trace(reason), "death": body}
+
+
+def death_trace(reason: str | None) -> tuple[str, ...]:
+    """A death verdict's ``fail_trace``: where readers show why a run ended."""
+    return (f"runrelay judged the run dead: {reason or 'no reason given'}\n",)
 
 
 # --- checks ----------------------------------------------------------------------------------

@@ -229,6 +229,11 @@ class Journal:
         finally:
             os.close(fd)
 
+    def last_segment(self, run: str) -> Position:
+        """Where the run's last segment starts: reading from there finds its latest events."""
+        segments = self._segments_or_none(run)
+        return Position(seq=segments[-1], segment=segments[-1]) if segments else Position()
+
     def points(self, run: str, through_seq: int) -> Iterator[Points]:
         """The run's well-formed metric points up to ``through_seq``, in chunks (``RunSource``)."""
         position: Position = Position()

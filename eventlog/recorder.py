@@ -45,7 +45,7 @@ def process_info() -> dict:
         "host": socket.gethostname(),
         "boot_id": _read_proc("sys/kernel/random/boot_id"),
         "pid": os.getpid(),
-        "start_ticks": _start_ticks(),
+        "start_ticks": start_ticks(),
     }
 
 
@@ -56,13 +56,19 @@ def _read_proc(name: str) -> str | None:
         return None  # not Linux
 
 
-def _start_ticks() -> int | None:
-    stat = _read_proc("self/stat")
-    if stat is None:
-        return None
-    # Field 2 (the command name) may hold spaces and parentheses: count fields after its
-    # closing ')', where field 3 starts; the start time is field 22.
-    return int(stat.rsplit(")", 1)[1].split()[22 - 3])
+def proc_stat(pid: int | str = "self") -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` from field 3 (the state) on; None when there is no
+    such process (or no /proc)."""
+    stat = _read_proc(f"{pid}/stat")
+    # Field 2 (the command name) may hold spaces and parentheses: split after its closing ')'.
+    return None if stat is None else stat.rsplit(")", 1)[1].split()
+
+
+def start_ticks(pid: int | str = "self") -> int | None:
+    """When process ``pid`` started (clock ticks since boot): with the boot id, what tells
+    a process from a later one given the same pid."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[22 - 3])
 
 
 def captured_out_body(journaled: str, text: str) -> dict:

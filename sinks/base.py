@@ -12,6 +12,7 @@ The daemon decides what happens next (docs/daemon.md). Backends register by URL 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -184,6 +185,38 @@ class Sink(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+@dataclass(frozen=True)
+class SilentRun:
+    """A run a sink shows ``RUNNING`` with a stale heartbeat, on a host whose daemon has not
+    reported lately: what the central watchdog may mark dead, if it is still so."""
+
+    uid: str
+    host: str
+    heartbeat: dt.datetime | None  # as the sink holds it: the mark is conditional on it
+    host_seen: dt.datetime | None  # the host daemon's last report; None if it never reported
+
+
+class TakesCentralVerdicts(ABC):
+    """A sink the central watchdog can use (docs/daemon.md, "Dead runs"): it records each
+    daemon's reports that its host lives, finds silent runs, and marks one dead with a
+    conditional write — only while it is still ``RUNNING`` with the heartbeat seen, so that
+    several watchdogs at once write each verdict once. A later event of the run undoes the
+    mark: the run's next write restores what its journal says."""
+
+    @abstractmethod
+    def report_host(self, host: str, at: dt.datetime) -> None:
+        """Record that ``host``'s daemon lives, at ``at`` (naive UTC)."""
+
+    @abstractmethod
+    def silent_runs(self, host_silent_since: dt.datetime, heartbeat_before: dt.datetime) -> list[SilentRun]:
+        """Runs this sink shows ``RUNNING``, written by runrelay, whose heartbeat is older
+        than ``heartbeat_before`` and whose host has not reported since ``host_silent_since``."""
+
+    @abstractmethod
+    def mark_dead(self, run: SilentRun, status: str, reason: str) -> bool:
+        """Give ``run`` the central verdict if it is still as found; True if this call wrote it."""
 
 
 _CREDENTIALS = re.compile(r"^(?P<head>[\w+.-]+://[^:/@]*:)[^@]*@")  # as SQLAlchemy parses: password up to the first "@"

@@ -10,6 +10,7 @@ differs from Sacred's own observer, docs/compatibility.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -17,13 +18,15 @@ from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 
-from runrelay.eventlog.fold import RunState
+from runrelay.eventlog.fold import REVIVED, RunState, death_trace
 from runrelay.sinks import sacred, sql_engine
-from runrelay.sinks.base import Batch, PermanentSinkError, RunSource, Sink, TransientSinkError, UnusableSinkError
+from runrelay.sinks.base import (
+    Batch, PermanentSinkError, RunSource, SilentRun, Sink, TakesCentralVerdicts, TransientSinkError, UnusableSinkError,
+)
 from runrelay.sinks.sql_tables import (
-    MYSQL_DIALECTS, RUN_ID_WIDTH, artifact, dependency, experiment, experiments_dependencies,
+    MYSQL_DIALECTS, NAME_WIDTH, RUN_ID_WIDTH, artifact, dependency, experiment, experiments_dependencies,
     experiments_repositories, experiments_sources, host, metadata, metric, repository, resource, run,
-    runrelay_redelivered, runrelay_run, runs_resources, source,
+    runrelay_host, runrelay_redelivered, runrelay_run, runrelay_run_host, runs_resources, source,
 )
 
 # The largest single value (artifact, config, output) sent in one statement. MySQL takes
@@ -69,7 +72,7 @@ _FROM_STATE: dict[str, Callable[[RunState], Any]] = {
 }
 
 
-class SqlSink(Sink):
+class SqlSink(Sink, TakesCentralVerdicts):
     """Runs in Sacred's SqlObserver tables, one transaction per batch (docs/sinks.md).
 
     Effectively once: ``runrelay_run`` holds each run's uid, its Sacred run id and the
@@ -167,13 +170,15 @@ class SqlSink(Sink):
         self._ids.begin()
         with self._transaction(batch.run) as conn:
             found = conn.execute(
-                sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq)
+                sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq, runrelay_run.c.death_reason)
                 .where(runrelay_run.c.uid == batch.run)
                 .with_for_update()
             ).first()
             part = self._unwritten(conn, batch, redelivery, found)
             if part is None:
                 return
+            if found is not None and found.death_reason is not None and part.state.death is None:
+                part = dataclasses.replace(part, changed=part.changed | REVIVED)  # undo a central verdict
             run_id = found.run_id if found else self._create_run(conn, part)
             values = self._add_rows(conn, run_id, part)
             values.update(self._run_columns(part))
@@ -229,6 +234,8 @@ class SqlSink(Sink):
             found = self._ids.get_or_create(
                 conn, resource, key, lambda: {"content": self._blob(batch.run, entry, f"resource {key['filename']!r}")})
             conn.execute(runs_resources.insert().values(run_id=run_id, resource_id=found))
+        if "process" in batch.changed and isinstance((batch.state.process or {}).get("host"), str):
+            self._record_host(conn, batch.run, batch.state.process["host"])
         if "experiment" in batch.changed:
             ids["experiment_id"] = self._experiment(conn, batch)
             ids["host_id"] = self._ids.get_or_create(conn, host, sacred.host_key(batch.state.host))
@@ -290,6 +297,47 @@ class SqlSink(Sink):
 
         return self._ids.get_or_create(conn, source, {"filename": name, "md5sum": md5}, content)
 
+    def _record_host(self, conn: sa.Connection, uid: str, host_name: str) -> None:
+        if conn.execute(sa.select(runrelay_run_host.c.uid).where(runrelay_run_host.c.uid == uid)).first() is None:
+            conn.execute(runrelay_run_host.insert().values(uid=uid, host=host_name[:NAME_WIDTH]))
+
+    # --- central verdicts (docs/daemon.md, "Dead runs") --------------------------------------
+
+    def report_host(self, host_name: str, at: dt.datetime) -> None:
+        host_name = host_name[:NAME_WIDTH]
+        with self._transaction() as conn:
+            seen = runrelay_host.update().where(runrelay_host.c.host == host_name).values(seen_time=at)
+            if conn.execute(seen).rowcount == 0:
+                conn.execute(runrelay_host.insert().values(host=host_name, seen_time=at))
+
+    def silent_runs(self, host_silent_since: dt.datetime, heartbeat_before: dt.datetime) -> list[SilentRun]:
+        beat = _last_beat()
+        query = (
+            sa.select(runrelay_run.c.uid, runrelay_run_host.c.host, beat.label("heartbeat"), runrelay_host.c.seen_time)
+            .select_from(runrelay_run)
+            .join(run, run.c.run_id == runrelay_run.c.run_id)
+            .join(runrelay_run_host, runrelay_run_host.c.uid == runrelay_run.c.uid)
+            .outerjoin(runrelay_host, runrelay_host.c.host == runrelay_run_host.c.host)
+            .where(run.c.status == "RUNNING", beat < heartbeat_before,
+                   sa.or_(runrelay_host.c.seen_time.is_(None), runrelay_host.c.seen_time < host_silent_since))
+        )
+        with self._transaction() as conn:
+            return [SilentRun(*row) for row in conn.execute(query)]
+
+    def mark_dead(self, silent: SilentRun, status: str, reason: str) -> bool:
+        with self._transaction(silent.uid) as conn:  # runrelay_run locked first, as a batch does
+            found = conn.execute(sa.select(runrelay_run.c.run_id).where(runrelay_run.c.uid == silent.uid)
+                                 .with_for_update()).first()
+            if found is None:
+                return False
+            still = run.update().where(run.c.run_id == found.run_id, run.c.status == "RUNNING",
+                                       _last_beat() == silent.heartbeat)
+            trace = "".join(death_trace(reason))
+            if conn.execute(still.values(status=status, stop_time=silent.heartbeat, fail_trace=trace)).rowcount != 1:
+                return False  # changed meanwhile: delivered again, or another watchdog was first
+            conn.execute(runrelay_run.update().where(runrelay_run.c.uid == silent.uid).values(death_reason=reason))
+        return True
+
     # --- values ------------------------------------------------------------------------------
 
     def _blob(self, run_uid: str, entry: dict, what: str) -> bytes:
@@ -330,6 +378,11 @@ class SqlSink(Sink):
         return sql_engine.classified(error, message)
 
 
+
+
+def _last_beat() -> sa.ColumnElement:
+    """The run's heartbeat, or its start before the first beat."""
+    return sa.func.coalesce(run.c.heartbeat, run.c.start_time)
 
 
 class _Ids:

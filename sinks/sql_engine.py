@@ -105,9 +105,14 @@ def create_engine(url: sa.engine.URL, timeout_seconds: float) -> tuple[sa.Engine
 
 def _create_private_file(path: Path) -> None:
     """Create the SQLite file and its directory owner-only, as the journal is (SQLite gives
-    its -wal and -shm files the database file's mode)."""
+    its -wal and -shm files the database file's mode). An existing file is never opened:
+    closing any descriptor of it would drop every POSIX lock this process's SQLite
+    connections hold on it (another engine's, here), and their writes could be lost."""
     make_private_dir(path.parent)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
 
 
 def _sqlite_connected(dbapi_connection, _record) -> None:

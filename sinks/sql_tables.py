@@ -149,6 +149,16 @@ runrelay_run = _table(
     sa.Column("result", _TEXT),  # the whole result as JSON; run.result holds finite numbers only
     sa.Column("death_reason", _TEXT),  # set while a death verdict stands ('' if it gave no reason)
 )
+runrelay_host = _table(  # each daemon's latest report that its host lives (the central watchdog's clue)
+    "runrelay_host",
+    sa.Column("host", sa.String(NAME_WIDTH), primary_key=True),
+    sa.Column("seen_time", _TIME, nullable=False),
+)
+runrelay_run_host = _table(  # the host a run's process runs on (its started event's process.host)
+    "runrelay_run_host",
+    sa.Column("uid", sa.String(36), primary_key=True),
+    sa.Column("host", sa.String(NAME_WIDTH), nullable=False),
+)
 runrelay_redelivered = _table(
     "runrelay_redelivered",
     sa.Column("uid", sa.String(36), sa.ForeignKey("runrelay_run.uid"), primary_key=True),

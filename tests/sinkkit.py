@@ -48,14 +48,18 @@ def write_run(journal: Journal, steps: list[tuple[Kind, dict]]) -> str:
     """Journal one run. A body's ``file`` (a path) is stored as a blob and replaced by its
     digest, md5 and size; a started body's ``sources`` are paths stored the same way."""
     with JournalWriter.create(journal.root) as writer:
-        for kind, body in steps:
-            body = dict(body)
-            if "file" in body:
-                body.update(writer.store_file(body.pop("file")))
-            if "sources" in body:
-                body["sources"] = [{"name": path.name, **writer.store_file(path)} for path in body["sources"]]
-            writer.append(kind, body)
+        append_steps(writer, steps)
     return writer.run
+
+
+def append_steps(writer: JournalWriter, steps: list[tuple[Kind, dict]]) -> None:
+    for kind, body in steps:
+        body = dict(body)
+        if "file" in body:
+            body.update(writer.store_file(body.pop("file")))
+        if "sources" in body:
+            body["sources"] = [{"name": path.name, **writer.store_file(path)} for path in body["sources"]]
+        writer.append(kind, body)
 
 
 def started(files: Path, **changes) -> tuple[Kind, dict]:

@@ -315,7 +315,7 @@ def test_dlq_retry_while_the_daemon_runs_redrives_through_it(tmp_path):
 
 COMMANDS = [
     [], ["daemon"], ["sync"], ["status"], ["dlq"], ["dlq", "list"], ["dlq", "retry"], ["dlq", "drop"], ["demo"],
-    ["journal"], ["journal", "ls"], ["journal", "cat"], ["journal", "verify"],
+    ["journal"], ["journal", "ls"], ["journal", "cat"], ["journal", "verify"], ["watchdog"],
 ]
 
 

@@ -12,8 +12,9 @@ from runrelay.daemon.errors import EXIT_OK
 def add_commands(commands, common) -> None:
     status = add_command(commands, "status", [common], help="what is pending, per sink", description=(
         "Per sink: pending events and runs, age of the oldest pending event, retries, dead-letter "
-        "queue size, last error, corrupt runs. Reads the journal and the state only: works with "
-        "no daemon running and with a sink down."),
+        "queue size, last error, corrupt runs; then this host's runs that are stalled (a live "
+        "process whose journal stopped growing) or dead without a verdict yet. Reads the journal "
+        "and the state only: works with no daemon running and with a sink down."),
         example="runrelay status --json | jq '.sinks[].pending_events'", exits=EXITS_INSPECT)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=_status)
@@ -44,4 +45,7 @@ def render(status: dict) -> str:
         lines.append(f"  dead letters {sink['dead_letters']}")
         lines.append(f"  last error   {sink['last_error'] or '-'}")
         lines += [f"  CORRUPT run  {run}: {reason}" for run, reason in sink["corrupt_runs"].items()]
+    if status["runs"]:
+        lines.append("\nruns on this host")
+        lines += [f"  {run['condition'].upper():8} {run['run']}: {run['reason']}" for run in status["runs"]]
     return "\n".join(lines)
