@@ -83,6 +83,12 @@ def growth_option(value: Any) -> float:
     return float(value)
 
 
+def text_option(value: Any) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise SinkConfigError(f"expected a non-empty string, got {type(value).__name__}")
+    return value
+
+
 def url_parts(url: str, scheme: str) -> tuple[str, str, dict[str, str]]:
     """(bucket, prefix, query) of ``scheme://bucket/prefix?query``; SinkConfigError if not."""
     parts = urlsplit(url)

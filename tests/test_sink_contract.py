@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pymongo
@@ -181,14 +182,33 @@ def directory_read_back(path: Path) -> FileStorageReadBack:
     return FileStorageReadBack(f"file://{path}", read, run_ids)
 
 
-@pytest.fixture(params=["sqlite", "postgres", "mariadb", "mongo", "file"])
-def store(request, tmp_path):
+def bucket_read_back(scheme: str, server, monkeypatch, prefix: str) -> FileStorageReadBack:
+    """A fresh prefix of the test bucket; the sinks reach the server through the usual
+    environment (AWS_ENDPOINT_URL_S3 and keys, STORAGE_EMULATOR_HOST), as users would."""
+    server.start()  # no-op unless an earlier test killed it
+    if "runrelay-tests" not in server.buckets:
+        server.create_bucket("runrelay-tests")
+    if scheme == "s3":
+        for name, value in (("AWS_ENDPOINT_URL_S3", server.endpoint), ("AWS_ACCESS_KEY_ID", "test"),
+                            ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", server.region)):
+            monkeypatch.setenv(name, value)
+    else:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.endpoint)
+    return FileStorageReadBack(f"{scheme}://runrelay-tests/{prefix}", lambda key: server.read("runrelay-tests", f"{prefix}/{key}"),
+                               lambda: server.run_ids("runrelay-tests", prefix), server=server)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb", "mongo", "file", "s3", "gs"])
+def store(request, tmp_path, monkeypatch):
     """A fresh store of each backend, with its read-back adapter."""
     if request.param == "sqlite":
         path = tmp_path / "db" / "runs.db"
         return SqlReadBack(f"sqlite:///{path}", sqlite_path=path)
     if request.param == "file":
         return directory_read_back(tmp_path / "runs")
+    if request.param in ("s3", "gs"):
+        server = request.getfixturevalue("moto_server" if request.param == "s3" else "gcs_server")
+        return bucket_read_back(request.param, server, monkeypatch, f"runs-{uuid.uuid4().hex[:8]}")
     url = request.getfixturevalue(f"{request.param}_url")
     adapter = MongoReadBack if request.param == "mongo" else SqlReadBack
     return adapter(url, server=request.getfixturevalue(f"{request.param}_server"))
