@@ -33,6 +33,8 @@ class S3Store(Store):
         self._client = None
 
     def open(self) -> None:
+        from botocore.exceptions import ClientError
+
         with self._converted("the bucket"):
             if self._client is None:
                 import boto3
@@ -47,7 +49,12 @@ class S3Store(Store):
                 config = Config(connect_timeout=self.timeout, read_timeout=self.timeout,
                                 retries={"total_max_attempts": 1, "mode": "standard"})
                 self._client = session.client("s3", endpoint_url=self.options.get("endpoint_url"), config=config)
-            self._client.head_bucket(Bucket=self.bucket)
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except ClientError as error:
+                if _code(error) in ("404", "NoSuchBucket"):  # a HEAD has no body: the bare status
+                    raise UnusableSinkError(f"{self.label}: no such bucket {self.bucket!r}") from None
+                raise
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
         from boto3.s3.transfer import TransferConfig

@@ -285,3 +285,31 @@ def test_a_running_run_is_listed_with_a_heartbeat_in_sacredboards_form(tmp_path,
     sink.close()
     entry = json.loads((tmp_path / "runs/1/run.json").read_text())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", entry["heartbeat"]) and "stop_time" not in entry
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_no_such_bucket_is_unusable_and_a_closed_port_transient(scheme, request, journal):
+    from runrelay.sinks.base import TransientSinkError, UnusableSinkError
+    from runrelay.sinks.registry import sink_for
+
+    server = request.getfixturevalue("moto_server" if scheme == "s3" else "gcs_server")
+    server.start()
+    option = "endpoint_url" if scheme == "s3" else "endpoint"
+    credentials = {"access_key_id": "test", "secret_access_key": "test", "region": "eu-west-1"} if scheme == "s3" else {}
+    for endpoint, expected in ((server.endpoint, UnusableSinkError), ("http://127.0.0.1:1", TransientSinkError)):
+        sink = sink_for("test", f"{scheme}://no-such-bucket/runs", {option: endpoint, "timeout_seconds": 2, **credentials},
+                        journal)
+        with pytest.raises(expected):
+            sink.open()
+        sink.close()
+
+
+def test_a_base_that_cannot_be_a_directory_is_unusable(tmp_path, journal):
+    from runrelay.sinks.base import UnusableSinkError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UnusableSinkError):
+        open_sink(f"file://{tmp_path / 'file' / 'runs'}", journal)
