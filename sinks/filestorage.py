@@ -221,8 +221,10 @@ class FileStorageSink(Sink):
         for entry in batch.resources:
             key = _shared_key("_resources", entry["filename"], entry["md5"])
             self._copy_once(batch.run, entry, key, "resource")
+        latest = {entry["name"]: entry["seq"] for entry in state.artifacts}  # a name added again replaces its file
         for entry in batch.artifacts:
-            self._copy(batch.run, entry, f"{run_id}/{_artifact_name(self, batch.run, entry)}", "artifact")
+            if entry["seq"] == latest[entry["name"]]:
+                self._copy(batch.run, entry, f"{run_id}/{_artifact_name(self, batch.run, entry)}", "artifact")
         output = state.captured_out.encode("utf-8", "replace")
         if fresh or "captured_out" in changed or state.finished:
             if self._due(book, "cout.txt", len(output), state, fresh):
