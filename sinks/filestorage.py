@@ -76,6 +76,25 @@ class Store(ABC):
         """Release the client; safe to call twice."""
 
 
+class BucketStore(Store):
+    """A store of objects under ``prefix`` in a bucket: run directories are '/'-delimited
+    common prefixes, and run.json names objects by their key below the prefix."""
+
+    def __init__(self, bucket: str, prefix: str, options: dict, timeout: float, label: str):
+        self.bucket, self.prefix, self.options, self.timeout, self.label = bucket, prefix, options, timeout, label
+
+    def location(self, key: str) -> str:
+        return key
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _run_ids(self, prefixes: list[str]) -> list[int]:
+        """The integer run directories among a listing's common prefixes (``<prefix>/<id>/``)."""
+        names = [prefix.rstrip("/").rsplit("/", 1)[-1] for prefix in prefixes]
+        return [int(name) for name in names if name.isdigit()]
+
+
 def growth_option(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         raise SinkConfigError(f"expected a fraction from 0 to 100, got {value!r}")

@@ -13,16 +13,14 @@ import contextlib
 from typing import BinaryIO
 
 from runrelay.sinks.base import PermanentSinkError, SinkConfigError, TransientSinkError, UnusableSinkError
-from runrelay.sinks.filestorage import FileStorageSink, Store, check_driver, text_option, url_parts
+from runrelay.sinks.filestorage import BucketStore, FileStorageSink, Store, check_driver, text_option, url_parts
 
 _UNUSABLE_STATUS = {401, 403, 404}  # at the bucket: refused credentials, no such bucket
 _PERMANENT_STATUS = {400, 411, 413}
 
 
-class GcsStore(Store):
-    def __init__(self, bucket: str, prefix: str, options: dict, timeout: float, label: str):
-        self.bucket_name, self.prefix, self.options, self.timeout, self.label = bucket, prefix, options, timeout, label
-        self._bucket = None
+class GcsStore(BucketStore):
+    _bucket = None
 
     def open(self) -> None:
         with self._converted("the bucket"):
@@ -38,7 +36,7 @@ class GcsStore(Store):
                                             client_options={"api_endpoint": endpoint})
                 else:
                     client = storage.Client(project=self.options.get("project"))
-                self._bucket = client.bucket(self.bucket_name)
+                self._bucket = client.bucket(self.bucket)
             self._bucket.reload(timeout=self.timeout, retry=None)
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
@@ -79,19 +77,12 @@ class GcsStore(Store):
                                                      timeout=self.timeout, retry=None)
             for _page in listing.pages:
                 pass  # the prefixes gather as the pages go by
-            names = [prefix.rstrip("/").rsplit("/", 1)[-1] for prefix in listing.prefixes]
-        return [int(name) for name in names if name.isdigit()]
-
-    def location(self, key: str) -> str:
-        return key
+            return self._run_ids(list(listing.prefixes))
 
     def close(self) -> None:
         if self._bucket is not None:
             self._bucket.client.close()
             self._bucket = None
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
     def _converted(self, what: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+from runrelay.eventlog.fsutil import fsync_dir
 from runrelay.sinks.base import PermanentSinkError, SinkConfigError, TransientSinkError, UnusableSinkError
 from runrelay.sinks.filestorage import RECORDS, FileStorageSink, Store
 
@@ -65,7 +66,7 @@ class DirectoryStore(Store):
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
                 raise
-            _fsync_directory(path.parent)
+            fsync_dir(path.parent)
 
     def get(self, key: str) -> bytes | None:
         with self._converted(key):
@@ -89,14 +90,14 @@ class DirectoryStore(Store):
                     file.write(run_json)
                     file.flush()
                     os.fsync(file.fileno())
-                _fsync_directory(staged)
+                fsync_dir(staged)
                 os.rename(staged, target)  # refused onto a directory holding anything
             except OSError as error:
                 shutil.rmtree(staged, ignore_errors=True)
                 if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     return False
                 raise
-            _fsync_directory(self.base)
+            fsync_dir(self.base)
             return True
 
     def run_ids(self) -> list[int]:
@@ -124,14 +125,6 @@ class DirectoryStore(Store):
             if error.errno in _PERMANENT:
                 raise PermanentSinkError(message) from None
             raise TransientSinkError(message) from None  # a full disk, an I/O error, a stale NFS handle
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class DirectorySink(FileStorageSink):

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from runrelay.sinks.base import (
     PermanentSinkError, SinkConfigError, TransientSinkError, UnusableSinkError,
 )
-from runrelay.sinks.filestorage import FileStorageSink, Store, check_driver, text_option, url_parts
+from runrelay.sinks.filestorage import BucketStore, FileStorageSink, Store, check_driver, text_option, url_parts
 
 MULTIPART_BYTES = 64 * 1024 * 1024  # objects larger than this go up in parts
 _UNUSABLE = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
@@ -27,10 +27,8 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
 _TAKEN = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 
 
-class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str, options: dict, timeout: float, label: str):
-        self.bucket, self.prefix, self.options, self.timeout, self.label = bucket, prefix, options, timeout, label
-        self._client = None
+class S3Store(BucketStore):
+    _client = None
 
     def open(self) -> None:
         from botocore.exceptions import ClientError
@@ -103,20 +101,12 @@ class S3Store(Store):
         with self._converted("the bucket's run directories"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self._key(""), Delimiter="/")
-            names = [entry["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                     for page in pages for entry in page.get("CommonPrefixes", [])]
-        return [int(name) for name in names if name.isdigit()]
-
-    def location(self, key: str) -> str:
-        return key
+            return self._run_ids([entry["Prefix"] for page in pages for entry in page.get("CommonPrefixes", [])])
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
     def _converted(self, what: str):

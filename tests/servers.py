@@ -445,11 +445,7 @@ class MotoServer(Server):
         return [str(self.program("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)]
 
     def _accepts_connections(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
+        return port_open(self.port)
 
 
 class FakeGcsServer(Server):
@@ -515,11 +511,7 @@ class FakeGcsServer(Server):
                 "-log-level", "error"]
 
     def _accepts_connections(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
+        return port_open(self.port)
 
 def start_or_skip(server: Server) -> Server:
     """Start ``server``; if it cannot run here, skip the test, or fail it under
@@ -545,6 +537,15 @@ def user_exists(name: str) -> bool:
         pwd.getpwnam(name)
         return True
     except KeyError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
         return False
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from runrelay.eventlog import Journal, Kind
 from runrelay.eventlog import reader
-from sinkkit import Delivery, artifact, beat, deliver, lifecycle, make_files, open_sink, point, started, write_run
-from test_sink_contract import bucket_read_back, directory_read_back
+from sinkkit import Delivery, artifact, beat, deliver, lifecycle, open_sink, point, started, write_run
+from test_sink_contract import bucket_read_back, directory_read_back, files, journal  # noqa: F401 - fixtures
 
 SACREDBOARD_TIME = "%Y-%m-%dT%H:%M:%S.%f"  # how Sacredboard's file mode parses run.json's times
 INCENSE_RESERVED = {"run.json", "cout.txt", "metrics.json", "config.json"}  # what incense does not call an artifact
@@ -32,16 +32,6 @@ def base(request, tmp_path, monkeypatch):
         return directory_read_back(tmp_path / "runs")
     server = request.getfixturevalue("moto_server" if request.param == "s3" else "gcs_server")
     return bucket_read_back(request.param, server, monkeypatch, f"{request.node.name[-20:]}-{id(tmp_path):x}")
-
-
-@pytest.fixture
-def journal(journal_dir) -> Journal:
-    return Journal(journal_dir)
-
-
-@pytest.fixture
-def files(tmp_path) -> Path:
-    return make_files(tmp_path / "experiment")
 
 
 def run_id(base, uid: str) -> int:

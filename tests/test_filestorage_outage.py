@@ -49,6 +49,16 @@ def points_held(read_back) -> int:
         return 0
 
 
+def journal_run(journal, files, rng: random.Random, works: int, ending: str) -> dict[str, int]:
+    """A whole run journaled now: {its uid: its last seq}."""
+    experiment = Experiment(journal, files, rng.randrange(2**32))
+    experiment.start()
+    for _ in range(works):
+        experiment.work(200)
+    experiment.end(ending)
+    return {experiment.run: experiment.writer.next_seq - 1}
+
+
 @pytest.mark.slow
 def test_a_bucket_server_killed_mid_stream_costs_nothing_and_holds_up_only_itself(base, tmp_path):
     if base.server is None:
@@ -59,19 +69,15 @@ def test_a_bucket_server_killed_mid_stream_costs_nothing_and_holds_up_only_itsel
     urls = (base.url, directory.url)
     write_journal(journal, files, rng, RUNS, POINTS_PER_RUN, 1)
     stderr = open(log, "w")
+    env = runrelay_env(tmp_path, **RETRY, RUNRELAY_RETRY_UNUSABLE_SECONDS="1")
     daemon = subprocess.Popen(delivery_args("daemon", journal, state, *urls), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=stderr, env=runrelay_env(tmp_path, **RETRY, RUNRELAY_RETRY_UNUSABLE_SECONDS="1"))
+                              stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         with Producer(journal, files, random.Random(rng.randrange(2**32)), LIVE_RUNS) as producer:
             wait_for(lambda: points_held(base) >= KILL_AFTER_POINTS, "the bucket to hold points", daemon, log)
             base.server.kill()
             down_since = time.monotonic()
-            during = Experiment(journal, files, rng.randrange(2**32))
-            during.start()
-            for _ in range(5):
-                during.work(200)
-            during.end("completed")
-            during_end = {during.run: during.writer.next_seq - 1}
+            during_end = journal_run(journal, files, rng, 5, "completed")
             wait_for(lambda: holds(directory, during_end), "the directory to take the run written during the outage",
                      daemon, log)
             assert not base.server.running
@@ -81,15 +87,12 @@ def test_a_bucket_server_killed_mid_stream_costs_nothing_and_holds_up_only_itsel
             restarted = set(Journal(journal).runs())
             wait_for(lambda: holds(base, during_end), "the bucket to take the run written during the outage",
                      daemon, log)
-            after = Experiment(journal, files, rng.randrange(2**32))  # wholly after the restart
-            after.start()
-            after.work(300)
-            after.end("failed")
+            after_end = journal_run(journal, files, rng, 2, "failed")  # wholly after the restart
         producer.finish()
         ends = {run: Journal(journal).verify(run).last_seq for run in Journal(journal).runs()}
         wait_for(lambda: holds(directory, ends), "the directory to hold everything", daemon, log)
         kept = base.url.startswith("gs:")  # fake-gcs-server keeps its objects across the restart
-        expected = ends if kept else {run: ends[run] for run in (during.run, after.run)}
+        expected = ends if kept else {**during_end, **after_end}
         wait_for(lambda: holds(base, expected), "the bucket to hold everything it can", daemon, log)
     finally:
         base.server.start()
@@ -97,11 +100,11 @@ def test_a_bucket_server_killed_mid_stream_costs_nothing_and_holds_up_only_itsel
         stderr.close()
     assert daemon.returncode == 0, tail(log)
     beside = assert_files_match_journal(directory, journal)
-    held = assert_files_match_journal(base, journal, only=None if kept else {during.run, after.run})
+    held = assert_files_match_journal(base, journal, only=None if kept else {*during_end, *after_end})
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "CRITICAL" not in text, tail(log)
     failing = [line for line in text.splitlines() if "is failing" in line or "cannot deliver" in line]
     assert failing, tail(log)
-    lost = "" if kept else f"; moto lost {len(restarted - {during.run})} runs' objects with its restart, as expected"
+    lost = "" if kept else f"; moto lost {len(restarted - set(during_end))} runs' objects with its restart, as expected"
     print(f"\n{base.url.split(':')[0]} down {outage:.1f} s: directory beside it identical to the journal {beside}; "
           f"bucket {held}{lost}; log lines about it: {json.dumps(failing[0][-160:])}")
