@@ -188,34 +188,41 @@ class FileStorageSink(Sink):
 
     def _find(self, run: str) -> tuple[int, dict] | None:
         """(run id, the sink's book in its run.json) of ``run``, None if it has no directory."""
+        run_id = self._recorded_id(run)
+        book = None if run_id is None else self._book(run_id, run)
+        return None if book is None else (run_id, book)
+
+    def _recorded_id(self, run: str) -> int | None:
+        """The id recorded for ``run`` (a record that is not a positive int is none)."""
         record = self._get_json(_record_key(run))
-        if record is None:
-            return None
-        book = self._book(record["id"], run)
-        return None if book is None else (record["id"], book)
+        run_id = record.get("id") if isinstance(record, dict) else None
+        return run_id if type(run_id) is int and run_id > 0 else None
 
     def _book(self, run_id: int, run: str) -> dict | None:
-        """The ``runrelay`` entry of ``run_id``'s run.json if that directory is ``run``'s."""
-        document = self._get_json(f"{run_id}/run.json") or {}
-        book = document.get("runrelay")
-        return book if isinstance(book, dict) and book.get("uid") == run else None
+        """The ``runrelay`` entry of ``run_id``'s run.json if that directory is ``run``'s; a
+        damaged entry of the run's reads as nothing applied (everything is rewritten)."""
+        document = self._get_json(f"{run_id}/run.json")
+        book = document.get("runrelay") if isinstance(document, dict) else None
+        if not isinstance(book, dict) or book.get("uid") != run:
+            return None
+        kinds = {"applied": int, "points": int, "written": dict}
+        return book if all(type(book.get(key)) is kind for key, kind in kinds.items()) else _new_book(run)
 
     def _create_run(self, batch: Batch) -> tuple[int, dict]:
         """Give the run a new integer directory: the id Sacred settled on if it is a free
         int, else the highest existing id + 1. The id is recorded under ``_runrelay/runs/``
         before the directory is claimed, and only a claim that failed to another run moves
         it on, so however a crash falls the run never gets a second directory."""
-        key = _record_key(batch.run)
-        record = self._get_json(key)
+        recorded = self._recorded_id(batch.run)
         given = batch.state.sacred_id
-        candidate = record["id"] if record else (given if type(given) is int and given > 0 else None)
-        book = {"uid": batch.run, "applied": -1, "points": 0, "written": {}}
+        candidate = recorded or (given if type(given) is int and given > 0 else None)
+        book = _new_book(batch.run)
         for _attempt in range(ID_ATTEMPTS):
             if candidate is None:
                 candidate = max(self.store.run_ids(), default=0) + 1
-            if record is None or record["id"] != candidate:
-                record = {"id": candidate}
-                self._put_json(key, record)
+            if recorded != candidate:
+                recorded = candidate
+                self._put_json(_record_key(batch.run), {"id": candidate})
             if self.store.claim_run(candidate, _json_bytes(self._run_json(batch.state, book))):
                 return candidate, book
             held = self._book(candidate, batch.run)
@@ -272,39 +279,47 @@ class FileStorageSink(Sink):
     @contextlib.contextmanager
     def _metrics_json(self, run: str, through_seq: int) -> Iterator[BinaryIO]:
         """metrics.json as ``json.dumps(..., sort_keys=True, indent=2)`` writes it, built from
-        the journal's points through ``through_seq``: each chunk's items are encoded into a
-        local spool file as they stream by, then stitched per name, so no series is held
-        in memory (only where each name's pieces lie in the spool)."""
-        with tempfile.TemporaryFile() as spool, tempfile.TemporaryFile() as out:
-            pieces: dict[str, dict[str, list[tuple[int, int]]]] = {}
-            for chunk in self.source.points(run, through_seq):
-                rows: dict[str, dict[str, list]] = {}
-                for name, step, value, stamp in zip(chunk.names, chunk.steps, chunk.values, chunk.timestamps):
-                    fields = rows.setdefault(name, {"steps": [], "timestamps": [], "values": []})
-                    fields["steps"].append(step)
-                    fields["values"].append(value)
-                    fields["timestamps"].append(_time(stamp) if stamp is not None else None)
-                for name, fields in rows.items():
-                    for field, items in fields.items():
-                        start = spool.tell()
-                        spool.write(json.dumps(items, separators=(ITEM_SEPARATOR.decode(), ":")).encode()[1:-1])
-                        pieces.setdefault(name, {}).setdefault(field, []).append((start, spool.tell() - start))
-            out.write(b"{" if pieces else b"{}")
-            for index, name in enumerate(sorted(pieces)):
-                out.write(b"," if index else b"")
-                out.write(b"\n  " + json.dumps(name).encode() + b": {")
-                for number, field in enumerate(("steps", "timestamps", "values")):
-                    out.write(b"," if number else b"")
-                    out.write(b'\n    "' + field.encode() + b'": [\n      ')
-                    for count, (start, length) in enumerate(pieces[name][field]):
-                        out.write(ITEM_SEPARATOR if count else b"")
-                        spool.seek(start)
-                        out.write(spool.read(length))
-                    out.write(b"\n    ]")
-                out.write(b"\n  }")
-            out.write(b"\n}" if pieces else b"")
-            out.seek(0)
+        the journal's points through ``through_seq`` in two local temp files (``_stitch``)."""
+        with contextlib.ExitStack() as files:
+            try:
+                spool, out = (files.enter_context(tempfile.TemporaryFile()) for _ in range(2))
+                self._stitch(run, through_seq, spool, out)
+                out.seek(0)
+            except OSError as error:  # a full or failing temp directory
+                raise TransientSinkError(f"{self!r} run {run}: cannot build metrics.json: {error}") from None
             yield out
+
+    def _stitch(self, run: str, through_seq: int, spool: BinaryIO, out: BinaryIO) -> None:
+        """Each chunk's items are encoded into ``spool`` as the points stream by, then
+        stitched into ``out`` name by name, so no series is held in memory (only where each
+        name's pieces lie in the spool)."""
+        pieces: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        for chunk in self.source.points(run, through_seq):
+            rows: dict[str, dict[str, list]] = {}
+            for name, step, value, stamp in zip(chunk.names, chunk.steps, chunk.values, chunk.timestamps):
+                fields = rows.setdefault(name, {"steps": [], "timestamps": [], "values": []})
+                fields["steps"].append(step)
+                fields["values"].append(value)
+                fields["timestamps"].append(_time(stamp) if stamp is not None else None)
+            for name, fields in rows.items():
+                for field, items in fields.items():
+                    start = spool.tell()
+                    spool.write(json.dumps(items, separators=(ITEM_SEPARATOR.decode(), ":")).encode()[1:-1])
+                    pieces.setdefault(name, {}).setdefault(field, []).append((start, spool.tell() - start))
+        out.write(b"{" if pieces else b"{}")
+        for index, name in enumerate(sorted(pieces)):
+            out.write(b"," if index else b"")
+            out.write(b"\n  " + json.dumps(name).encode() + b": {")
+            for number, field in enumerate(("steps", "timestamps", "values")):
+                out.write(b"," if number else b"")
+                out.write(b'\n    "' + field.encode() + b'": [\n      ')
+                for count, (start, length) in enumerate(pieces[name][field]):
+                    out.write(ITEM_SEPARATOR if count else b"")
+                    spool.seek(start)
+                    out.write(spool.read(length))
+                out.write(b"\n    ]")
+            out.write(b"\n  }")
+        out.write(b"\n}" if pieces else b"")
 
     def _source(self, batch: Batch, name: str) -> dict:
         for entry in batch.state.sources:
@@ -375,6 +390,10 @@ def _time(value: Any) -> str:
     if not isinstance(value, dt.datetime):
         raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
     return sacred.naive_utc(value).strftime(TIME_FORMAT)
+
+
+def _new_book(run: str) -> dict:
+    return {"uid": run, "applied": -1, "points": 0, "written": {}}
 
 
 def _record_key(run: str) -> str:

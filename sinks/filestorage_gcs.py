@@ -10,6 +10,7 @@ precondition 0 (create only).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import BinaryIO
 
 from runrelay.sinks.base import PermanentSinkError, SinkConfigError, TransientSinkError, UnusableSinkError
@@ -17,6 +18,7 @@ from runrelay.sinks.filestorage import BucketStore, FileStorageSink, Store, chec
 
 _UNUSABLE_STATUS = {401, 403, 404}  # at the bucket: refused credentials, no such bucket
 _PERMANENT_STATUS = {400, 411, 413}
+CHUNK_BYTES = 16 * 1024 * 1024  # a large object goes up resumably in chunks of this size (each held in memory)
 
 
 class GcsStore(BucketStore):
@@ -41,11 +43,12 @@ class GcsStore(BucketStore):
 
     def put(self, key: str, data: bytes | BinaryIO) -> None:
         with self._converted(key):
-            blob = self._bucket.blob(self._key(key))
             if isinstance(data, bytes):
-                blob.upload_from_string(data, timeout=self.timeout, retry=None)
+                self._bucket.blob(self._key(key)).upload_from_string(data, timeout=self.timeout, retry=None)
             else:
-                blob.upload_from_file(data, timeout=self.timeout, retry=None)
+                size = os.fstat(data.fileno()).st_size - data.tell()
+                blob = self._bucket.blob(self._key(key), chunk_size=CHUNK_BYTES)
+                blob.upload_from_file(data, size=size, timeout=self.timeout, retry=None)
 
     def get(self, key: str) -> bytes | None:
         from google.api_core.exceptions import NotFound

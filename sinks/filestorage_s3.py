@@ -17,7 +17,7 @@ from runrelay.sinks.base import (
 )
 from runrelay.sinks.filestorage import BucketStore, FileStorageSink, Store, check_driver, text_option, url_parts
 
-MULTIPART_BYTES = 64 * 1024 * 1024  # objects larger than this go up in parts
+MULTIPART_BYTES = 16 * 1024 * 1024  # objects larger go up in parts of this size (each held in memory)
 _UNUSABLE = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
              "InvalidBucketName", "AccountProblem", "InvalidToken", "ExpiredToken", "PermanentRedirect",
              "AuthorizationHeaderMalformed", "403", "301"}

@@ -193,6 +193,34 @@ def test_a_crash_between_recording_an_id_and_claiming_it_resumes_with_that_id(tm
     assert read.run(second)["status"] == "COMPLETED"
 
 
+def test_a_record_or_book_that_is_not_the_sinks_is_never_followed(tmp_path, journal, files):
+    base = tmp_path / "runs"
+    uid = write_run(journal, lifecycle(files))
+    (base / "_runrelay" / "runs").mkdir(parents=True)
+    (base / "_runrelay" / "runs" / f"{uid}.json").write_text('{"id": "../../elsewhere"}')
+    sink = open_sink(f"file://{base}", journal)
+    deliver(sink, journal, uid, 5)
+    entry = json.loads((base / "1" / "run.json").read_text())
+    entry["runrelay"]["applied"] = "nine"  # a damaged book reads as nothing applied: all is written again
+    (base / "1" / "run.json").write_text(json.dumps(entry))
+    assert sink.applied(uid) == -1
+    deliver(sink, journal, uid)
+    sink.close()
+    assert sorted(path.name for path in base.iterdir()) == ["1", "_resources", "_runrelay", "_sources"]
+    assert directory_read_back(base).run(uid)["status"] == "COMPLETED"
+    assert json.loads((base / "1" / "run.json").read_text())["runrelay"]["applied"] == 9
+
+
+def test_a_large_artifact_goes_up_in_parts(base, journal, files):
+    large = files / "weights.bin"
+    large.write_bytes(bytes(range(256)) * (17 * 4096 + 3))  # past the 16 MB part and chunk size
+    uid = write_run(journal, [started(files), artifact(large)])
+    sink = open_sink(base.url, journal)
+    deliver(sink, journal, uid)
+    sink.close()
+    assert base.read(f"{run_id(base, uid)}/weights.bin") == large.read_bytes()
+
+
 WRITER = """
 import sys
 sys.path.insert(0, {tests!r})
