@@ -25,6 +25,11 @@ SACREDBOARD_TIME = "%Y-%m-%dT%H:%M:%S.%f"  # how Sacredboard's file mode parses 
 INCENSE_RESERVED = {"run.json", "cout.txt", "metrics.json", "config.json"}  # what incense does not call an artifact
 
 
+# the longer tests run on buckets under -m slow only (CI time)
+BUCKETS_SLOW = pytest.mark.parametrize("base", ["file", *(pytest.param(scheme, marks=pytest.mark.slow)
+                                                         for scheme in ("s3", "gs"))], indirect=True)
+
+
 @pytest.fixture(params=["file", "s3", "gs"])
 def base(request, tmp_path, monkeypatch):
     """A fresh FileStorage base of each store, read back through ``read(key)``."""
@@ -211,6 +216,7 @@ def test_a_record_or_book_that_is_not_the_sinks_is_never_followed(tmp_path, jour
     assert json.loads((base / "1" / "run.json").read_text())["runrelay"]["applied"] == 9
 
 
+@BUCKETS_SLOW
 def test_a_large_artifact_goes_up_in_parts(base, journal, files):
     large = files / "weights.bin"
     large.write_bytes(bytes(range(256)) * (17 * 4096 + 3))  # past the 16 MB part and chunk size
@@ -235,6 +241,7 @@ sink.close()
 """
 
 
+@BUCKETS_SLOW
 def test_many_writers_allocate_distinct_ids_and_one_directory_per_run(base, tmp_path, files):
     writers, runs_each = 4, 6
     uids, children = [], []
