@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -25,6 +26,12 @@ from test_replay_crash import (
 )
 
 POINTS_PER_RUN = (3000, 5000)
+# CI-sized by default (10 kills, 8 runs, file:// only); RUNRELAY_FILESTORAGE_FULL=1: 100 kills, 30 runs,
+# every store (the figures in docs/benchmarks.md)
+FULL = os.environ.get("RUNRELAY_FILESTORAGE_FULL") == "1"
+ONLY_FULL = pytest.mark.skipif(not FULL, reason="set RUNRELAY_FILESTORAGE_FULL=1 to run it (CI time)")
+STORES = pytest.mark.parametrize("base", ["file", *(pytest.param(scheme, marks=ONLY_FULL) for scheme in ("s3", "gs"))],
+                                 indirect=True)
 BUCKET_KILL_AFTER_SECONDS = (0.3, 2.5)  # boto3 and google-cloud-storage take longer to import than the SQL drivers
 
 
@@ -111,6 +118,7 @@ def assert_files_match_journal(read_back, journal_dir: Path, only: set[str] | No
 
 
 @pytest.mark.slow
+@STORES
 def test_sigkill_at_random_points_while_replaying_into_filestorage_leaves_the_journals_files(base, tmp_path,
                                                                                            monkeypatch):
     if base.server is not None:
@@ -118,9 +126,10 @@ def test_sigkill_at_random_points_while_replaying_into_filestorage_leaves_the_jo
     rng = random.Random(SEED)
     journal, state, files, log = tmp_path / "journal", tmp_path / "state", tmp_path / "files", tmp_path / "daemon.log"
     began = time.monotonic()
-    backlog = write_journal(journal, files, rng, RUNS, POINTS_PER_RUN, LEFT_RUNNING)
+    backlog = write_journal(journal, files, rng, RUNS if FULL else 8, POINTS_PER_RUN, LEFT_RUNNING)
     with Producer(journal, files, random.Random(rng.randrange(2**32)), LIVE_RUNS) as producer:
-        seen = kill_repeatedly(journal, state, base.url, tmp_path, KILLS, rng, log, backlog, after_kill(base))
+        seen = kill_repeatedly(journal, state, base.url, tmp_path, KILLS if FULL else 10, rng, log, backlog,
+                               after_kill(base))
     producer.finish()
     delivered = sync(journal, state, tmp_path, base.url)
     assert sync(journal, state, tmp_path, base.url) == 0  # nothing is left, nothing is sent twice

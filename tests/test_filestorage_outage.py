@@ -21,7 +21,7 @@ import pytest
 
 from runrelay.eventlog.reader import Journal
 from test_filestorage import base  # noqa: F401 - the fixture: a fresh base on each store
-from test_filestorage_crash import assert_files_match_journal, books
+from test_filestorage_crash import ONLY_FULL, assert_files_match_journal, books
 from test_replay_crash import Experiment, Producer, delivery_args, runrelay_env, tail, write_journal
 from test_replay_outage import RETRY, stop, wait_for
 from test_sink_contract import directory_read_back
@@ -60,9 +60,8 @@ def journal_run(journal, files, rng: random.Random, works: int, ending: str) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("base", [pytest.param("s3", marks=ONLY_FULL), "gs"], indirect=True)
 def test_a_bucket_server_killed_mid_stream_costs_nothing_and_holds_up_only_itself(base, tmp_path):
-    if base.server is None:
-        pytest.skip("a local directory has no server to kill")
     rng = random.Random(SEED)
     journal, state, files, log = tmp_path / "journal", tmp_path / "state", tmp_path / "files", tmp_path / "daemon.log"
     directory = directory_read_back(tmp_path / "beside")
