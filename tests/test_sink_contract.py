@@ -131,7 +131,8 @@ class MongoReadBack:
 
 class FileStorageReadBack:
     """A FileStorage sink's objects read back as plain values, through ``read(key)`` (bytes
-    or None) and ``run_ids()`` of its store: a directory, a bucket."""
+    or None) and ``run_ids()`` of its store: a directory (sinks/filestorage_local.py), an S3
+    bucket (filestorage_s3.py), a GCS bucket (filestorage_gcs.py)."""
 
     def __init__(self, url: str, read, run_ids, server=None):
         self.url, self.read, self.run_ids, self.server = url, read, run_ids, server
