@@ -18,6 +18,9 @@ _BACKENDS = {
     "mariadb+pymysql": "runrelay.sinks.sql:SqlSink",
     "mongodb": "runrelay.sinks.mongo:MongoSink",
     "mongodb+srv": "runrelay.sinks.mongo:MongoSink",
+    "file": "runrelay.sinks.filestorage_local:DirectorySink",
+    "s3": "runrelay.sinks.filestorage_s3:S3Sink",
+    "gs": "runrelay.sinks.filestorage_gcs:GcsSink",
 }
 
 

