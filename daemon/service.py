@@ -32,6 +32,7 @@ from runrelay.daemon.watchdog import HostReports, Watchdog, central
 from runrelay.eventlog.events import micros_now
 from runrelay.eventlog.fsutil import make_private_dir
 from runrelay.eventlog.reader import Journal
+from runrelay.sinks.base import Sink, TakesCentralVerdicts
 from runrelay.sinks.registry import backend, sink_for
 
 MAIN_TICK_SECONDS = 0.2
@@ -134,7 +135,7 @@ def run_daemon(config: Config) -> int:
             if watch is not None:
                 supervisor.add(watch.name, watch.run, essential=False, liveness=watch.liveness)
                 supervisor.on_stop(watch.wake)
-            reporting = central(_sinks(config, journal))
+            reporting = [sink for sink in _sinks(config, journal) if isinstance(sink, TakesCentralVerdicts)]
             if reporting:
                 reports = HostReports(config.dead_runs.host, reporting, config.dead_runs.report_seconds)
                 stuck = max(sink.timeout_seconds for sink in reporting) * 2 + STUCK_MARGIN_SECONDS
