@@ -242,11 +242,18 @@ class _RunState:
 class _Stop:
     """Stop requests to the wrapper, passed on to the command; SIGKILL when it overstays."""
 
-    def __init__(self, child: subprocess.Popen, kill_after_seconds: float):
-        self._child = child
+    def __init__(self, kill_after_seconds: float):
+        self._child: subprocess.Popen | None = None
         self._kill_after = kill_after_seconds
         self.signal: signal.Signals | None = None
         self.deadline: float | None = None
+        self._passed_on = False
+
+    def attach(self, child: subprocess.Popen) -> None:
+        """The command to stop; a request that came before it started is passed on now."""
+        self._child = child
+        if self.signal is not None and not self._passed_on:
+            self._send(self.signal)
 
     def request(self, signum: int, _frame=None) -> None:
         if self.signal is not None:  # a second request: stop now
@@ -255,7 +262,7 @@ class _Stop:
         self.signal = signal.Signals(signum)
         self.deadline = time.monotonic() + self._kill_after
         if not (self.signal is signal.SIGINT and _terminal_sent_it()):
-            self._send(self.signal)
+            self._passed_on = self._send(self.signal)
 
     def kill(self) -> None:
         self.deadline = None
@@ -266,11 +273,15 @@ class _Stop:
             warn(f"the command outlived {self.signal.name} by {self._kill_after:g} s; sending SIGKILL")
             self.kill()
 
-    def _send(self, signum: int) -> None:
+    def _send(self, signum: int) -> bool:
+        """Whether the signal went to the command (it may not have started yet)."""
+        if self._child is None:
+            return False
         try:
             self._child.send_signal(signum)
         except ProcessLookupError:
             pass
+        return True
 
 
 def _terminal_sent_it() -> bool:
@@ -293,23 +304,19 @@ def run_command(options: ExecOptions) -> int:
     env.pop(lineproto.ENV_RUN, None)
     if journal.run:
         env[lineproto.ENV_RUN] = journal.run
+    stop = _Stop(options.kill_after_seconds)
     try:
-        child = subprocess.Popen(options.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 pass_fds=(theirs.fileno(),), env=env)
-    except OSError as error:
-        theirs.close()
-        ours.close()
-        warn(f"cannot run {options.command[0]!r}: {error.strerror}")
-        code = EXIT_NOT_FOUND if isinstance(error, FileNotFoundError) else EXIT_CANNOT_EXECUTE
-        journal.append(Kind.FAILED, {"fail_time": utc_now(),
-                                     "fail_trace": [f"cannot run {options.command[0]!r}: {error.strerror}\n"]})
-        journal.close()
-        return code
-    theirs.close()
-    stop = _Stop(child, options.kill_after_seconds)
-    try:
-        with _signals_to(stop) as wakeup:
-            _supervise(child, stop, ours, wakeup, journal, state, options.heartbeat_seconds)
+        with _signals_to(stop) as wakeup:  # before the spawn: a stop request is never missed
+            try:
+                child = subprocess.Popen(options.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         pass_fds=(theirs.fileno(),), env=env)
+            except OSError as error:
+                return _could_not_run(options.command[0], error, journal)
+            finally:
+                theirs.close()
+            with child.stdout, child.stderr:
+                stop.attach(child)
+                _supervise(child, stop, ours, wakeup, journal, state, options.heartbeat_seconds)
         _collect_artifacts(options.artifacts, journal)
         _beat(journal, state)
         journal.append(*_ending(child.returncode, stop.signal, state))
@@ -318,6 +325,13 @@ def run_command(options: ExecOptions) -> int:
         journal.close()
     code = child.returncode
     return EXIT_SIGNALLED - code if code < 0 else code
+
+
+def _could_not_run(program: str, error: OSError, journal: RunJournal) -> int:
+    message = f"cannot run {program!r}: {error.strerror}"
+    warn(message)
+    journal.append(Kind.FAILED, {"fail_time": utc_now(), "fail_trace": [message + "\n"]})
+    return EXIT_NOT_FOUND if isinstance(error, FileNotFoundError) else EXIT_CANNOT_EXECUTE
 
 
 class _signals_to:
