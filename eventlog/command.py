@@ -161,7 +161,7 @@ class _Protocol:
         self._line_number = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        self._buffer += data if data else b"\n" * bool(self._buffer)  # at the end, a last line without newline
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             self._line_number += 1

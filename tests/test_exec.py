@@ -141,6 +141,7 @@ read -r reply <&"$RUNRELAY_FD"
 echo "reply: $reply"
 echo "log line" > out.log
 echo "something went wrong" >&2
+printf 'metric last 1' >&"$RUNRELAY_FD"
 exit 3
 """
 
@@ -163,7 +164,7 @@ def test_a_shell_script_using_the_protocol_arrives_in_sqlite_and_bad_lines_are_s
     assert out.startswith("to stdout\n") and "something went wrong\n" in out
     assert json.loads(info) == {"note": "first try"}
     assert place.query("SELECT name, step, value FROM metric ORDER BY name, step") == [
-        ("loss", 0, 0.5), ("loss", 1, 0.25), ("val acc", 100, 0.9)]
+        ("last", 0, 1.0), ("loss", 0, 0.5), ("loss", 1, 0.25), ("val acc", 100, 0.9)]
     assert sorted(place.query("SELECT filename, content FROM artifact")) == [
         ("model.bin", b"weights\n"), ("out.log", b"log line\n")]
 
