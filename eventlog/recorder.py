@@ -9,6 +9,7 @@ The run is journaled exactly as the Sacred observer journals one (docs/events.md
 ``started``, heartbeats from a background thread, metrics, artifacts and resources
 as they happen, and one ending: ``completed`` when the block exits normally,
 ``interrupted`` on KeyboardInterrupt, ``failed`` with the traceback otherwise.
+Under ``runrelay exec`` the Recorder attaches to the wrapper's run (docs/exec.md).
 """
 
 from __future__ import annotations

@@ -172,8 +172,9 @@ def test_a_shell_script_using_the_protocol_arrives_in_sqlite_and_bad_lines_are_s
 SLEEPER = """\
 #!/bin/sh
 {trap}
-echo $$ > pid
+echo alive
 echo "metric loss 1" >&"$RUNRELAY_FD"
+echo $$ > pid
 while :; do sleep 0.05; done
 """
 
@@ -211,11 +212,15 @@ def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_time(place):
 
 def test_kill_9_of_the_wrapper_leaves_the_run_without_an_ending_and_its_lock_free(place):
     place.script("sleeper.sh", SLEEPER.format(trap=""))
-    wrapper = place.start("--", "./sleeper.sh")
+    wrapper = place.start("--heartbeat", "0.05", "--", "./sleeper.sh")
     child = int(wait_for_file(place.root / "pid"))
     try:
         run_dir = Journal(place.journal).run_dir(place.run_uid())
         assert writer_alive(run_dir)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while place.state().captured_out != "alive\n":  # journaled by the wrapper's heartbeats, mid-run
+            assert time.monotonic() < deadline, "no heartbeat carried the output"
+            time.sleep(0.02)
         wrapper.kill()
         wrapper.wait(WAIT_SECONDS)
         assert not writer_alive(run_dir)  # the command, still running, never held the lock
