@@ -34,7 +34,7 @@ MAX_LINE_BYTES = 1024 * 1024
 MAX_WORD_CHARS = 1000  # names, keys, tokens
 SYNC_TIMEOUT_SECONDS = 300.0  # an artifact the wrapper copies may be large
 _INT = re.compile(r"[+-]?[0-9]+")
-_STEP_RANGE = range(-(2**63), 2**63)
+_INT64 = range(-(2**63), 2**63)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ def parse_line(line: bytes) -> Message | None:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ProtocolError(f"not UTF-8 ({error.reason} at byte {error.start})") from None
-    try:
-        words = shlex.split(text)
-    except ValueError as error:
-        raise ProtocolError(f"cannot split into words: {error}") from None
+    words = split_words(text)
     if not words:
         return None
     verb, args = words[0], words[1:]
@@ -97,6 +94,37 @@ def parse_line(line: bytes) -> Message | None:
         wanted = str(low) if low == high else f"{low} to {high}"
         raise ProtocolError(f"{verb} takes {wanted} word(s), got {len(args)}")
     return parse(*args)
+
+
+def split_words(text: str) -> list[str]:
+    """The words of a line as a POSIX shell splits them (quotes and backslashes; no
+    expansions), in linear time: ``shlex.split`` takes a minute on a 1 MiB line."""
+    words, position = [], 0
+    while True:
+        position = _SPACE.match(text, position).end()
+        if position == len(text):
+            return words
+        word = _WORD.match(text, position)
+        if word is None or (word.end() < len(text) and not text[word.end()].isspace()):
+            raise ProtocolError(f"cannot split into words: an unclosed quote or a lone backslash at {position}")
+        words.append("".join(_unquoted(part) for part in _PART.findall(word.group())))
+        position = word.end()
+
+
+def _unquoted(part: str) -> str:
+    if part[0] == "'":
+        return part[1:-1]
+    if part[0] == '"':
+        return _DOUBLE_ESCAPE.sub(r"\1", part[1:-1])
+    return part[1] if part[0] == "\\" else part
+
+
+# possessive quantifiers: no backtracking, so a bad line fails in linear time too
+_PART_PATTERN = r"""[^\s'"\\]++|'[^']*+'|"(?:[^"\\]++|\\.)*+"|\\."""
+_PART = re.compile(_PART_PATTERN, re.DOTALL)
+_WORD = re.compile(f"(?:{_PART_PATTERN})++", re.DOTALL)
+_SPACE = re.compile(r"\s*")
+_DOUBLE_ESCAPE = re.compile(r'\\([$`"\\\n])')
 
 
 def _metric(name: str, value: str, step: str | None = None) -> Metric:
@@ -141,13 +169,15 @@ def _word(word: str, what: str) -> str:
 
 def _number(word: str) -> int | float:
     try:
-        return int(word) if _INT.fullmatch(word) else float(word)
+        if _INT.fullmatch(word) and len(word) <= 20 and int(word) in _INT64:
+            return int(word)
+        return float(word)  # an integer beyond 64 bits too: a metric is a measurement
     except ValueError:
         raise ProtocolError(f"metric value {word[:40]!r} is not a number") from None
 
 
 def _step(word: str) -> int:
-    if not _INT.fullmatch(word) or len(word) > 20 or int(word) not in _STEP_RANGE:
+    if not _INT.fullmatch(word) or len(word) > 20 or int(word) not in _INT64:
         raise ProtocolError(f"metric step {word[:40]!r} is not a 64-bit integer")
     return int(word)
 

@@ -141,6 +141,8 @@ read -r reply <&"$RUNRELAY_FD"
 echo "reply: $reply"
 echo "log line" > out.log
 echo "something went wrong" >&2
+{ printf 'info big "'; head -c 1000000 /dev/zero | tr '\\0' a; echo; } >&"$RUNRELAY_FD"
+{ head -c 1100000 /dev/zero | tr '\\0' a; echo; } >&"$RUNRELAY_FD"
 printf 'metric last 1' >&"$RUNRELAY_FD"
 exit 3
 """
@@ -152,10 +154,11 @@ def test_a_shell_script_using_the_protocol_arrives_in_sqlite_and_bad_lines_are_s
     assert result.returncode == 3  # the command's own status
     assert result.stdout == "to stdout\nreply: ok 1\n"
     skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
-    assert len(skipped) == 6, result.stderr
+    assert len(skipped) == 8, result.stderr
     assert "not a number" in skipped[0] and "unknown message 'teleport'" in skipped[1]
     assert "not UTF-8" in skipped[2] and "not JSON" in skipped[3]
     assert "/dev/zero is not a regular file" in skipped[4] and "missing.bin" in skipped[5]
+    assert "an unclosed quote" in skipped[6] and "longer than 1048576 bytes" in skipped[7]
     assert "Traceback" not in result.stderr
     place.sync()
     (status, out, info, run_result), = place.query("SELECT status, captured_out, info, result FROM run")
@@ -261,6 +264,7 @@ def test_a_python_script_killed_by_sigint_is_interrupted(place):
     (b"metric loss 0.5 3", Metric("loss", 0.5, 3)),
     (b"metric 'a b' 7", Metric("a b", 7, None)),
     (b"metric x -inf", Metric("x", float("-inf"), None)),
+    (b"metric x " + b"9" * 30, Metric("x", 1e30, None)),
     (b"artifact out/m.pt model.pt", File(Kind.ARTIFACT, "out/m.pt", "model.pt")),
     (b"resource data.csv", File(Kind.RESOURCE, "data.csv", None)),
     (b"info best '{\"epoch\": 3}'", Info("best", {"epoch": 3})),
