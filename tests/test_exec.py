@@ -309,3 +309,24 @@ def test_config_from_files_then_assignments(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ConfigProblem, match="not an object"):
         build_config([tmp_path / "list.json"], [])
+
+
+def test_sigint_to_the_wrapper_reaches_a_python_script_once_and_interrupts_the_run(place):
+    place.script("loop.py", """\
+        import os, time
+        open("pid", "w").write(f"{os.getpid()}\\n")
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("cleaning up", flush=True)
+            time.sleep(0.2)  # a second interrupt would land here
+            print("cleaned up", flush=True)
+            raise
+        """)
+    wrapper = place.start("--", sys.executable, "loop.py")
+    wait_for_file(place.root / "pid")
+    wrapper.send_signal(signal.SIGINT)
+    assert wrapper.wait(WAIT_SECONDS) == 128 + signal.SIGINT
+    assert wrapper.stdout.read() == "cleaning up\ncleaned up\n"
+    state = place.state()
+    assert state.status == "INTERRUPTED" and state.captured_out.startswith("cleaning up\ncleaned up\n")
