@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runrelay.eventlog import lineproto
+from runrelay.eventlog.errors import JournalWriteError
 from runrelay.eventlog.events import Kind
 from runrelay.eventlog.fsutil import write_all
 from runrelay.eventlog.recorder import host_info, process_info, utc_now
@@ -90,12 +91,18 @@ class RunJournal:
         self._call(self._writer and self._writer.append_metric, name, step, value, utc_now())
 
     def add_file(self, kind: Kind, path: str, name: str) -> None:
-        stored = self._call(self._writer and self._writer.store_file, path)
-        if stored is not None:
-            body = {"filename": path, **stored}
-            if kind is Kind.ARTIFACT:
-                body = {"name": name, **body, "metadata": None, "content_type": None}
-            self.append(kind, body)
+        """Copy the file into the run now; one that cannot be read is said and skipped."""
+        if self._writer is None:
+            return
+        try:
+            stored = self._writer.store_file(path)
+        except JournalWriteError as error:  # a full disk shows again at the next append
+            warn(f"{kind.value} not kept: {error}")
+            return
+        body = {"filename": path, **stored}
+        if kind is Kind.ARTIFACT:
+            body = {"name": name, **body, "metadata": None, "content_type": None}
+        self.append(kind, body)
 
     def close(self) -> None:
         self._call(self._writer and self._writer.close)
