@@ -82,7 +82,7 @@ def parse_line(line: bytes) -> Message | None:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ProtocolError(f"not UTF-8 ({error.reason} at byte {error.start})") from None
-    words = split_words(text)
+    words = split_words(text) if _QUOTING.search(text) else text.split()
     if not words:
         return None
     verb, args = words[0], words[1:]
@@ -124,6 +124,7 @@ _PART_PATTERN = r"""[^\s'"\\]++|'[^']*+'|"(?:[^"\\]++|\\.)*+"|\\."""
 _PART = re.compile(_PART_PATTERN, re.DOTALL)
 _WORD = re.compile(f"(?:{_PART_PATTERN})++", re.DOTALL)
 _SPACE = re.compile(r"\s*")
+_QUOTING = re.compile(r"""['"\\]""")
 _DOUBLE_ESCAPE = re.compile(r'\\([$`"\\\n])')
 
 
