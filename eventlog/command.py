@@ -174,13 +174,15 @@ class _Protocol:
             self._line_number += 1
             if self._skipping:
                 self._skipping = False
+            elif len(line) > lineproto.MAX_LINE_BYTES:
+                self._bad(f"longer than {lineproto.MAX_LINE_BYTES} bytes", line)
             else:
                 self._handle(line)
-        if len(self._buffer) > lineproto.MAX_LINE_BYTES:
-            if not self._skipping:
-                self._line_number += 1
-                self._bad(f"longer than {lineproto.MAX_LINE_BYTES} bytes", self._buffer)
-            self._buffer, self._skipping = b"", True
+        if len(self._buffer) > lineproto.MAX_LINE_BYTES and not self._skipping:  # counted when its newline comes
+            self._bad(f"longer than {lineproto.MAX_LINE_BYTES} bytes", self._buffer, self._line_number + 1)
+            self._skipping = True
+        if self._skipping:
+            self._buffer = b""
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -219,9 +221,9 @@ class _Protocol:
         except OSError as error:  # a command that never reads its replies must not block us
             warn(f"protocol: could not answer sync ({error})")
 
-    def _bad(self, reason: str, line: bytes | None) -> None:
+    def _bad(self, reason: str, line: bytes | None, number: int | None = None) -> None:
         shown = "" if line is None else f": {line[:80]!r}"
-        warn(f"protocol line {self._line_number} skipped: {reason}{shown}")
+        warn(f"protocol line {number or self._line_number} skipped: {reason}{shown}")
 
 
 @dataclass

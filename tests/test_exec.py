@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from runrelay.eventlog import Journal, Kind
-from runrelay.eventlog.command import ConfigProblem, build_config
+from runrelay.eventlog.command import ConfigProblem, RunJournal, _Protocol, _RunState, build_config
 from runrelay.eventlog.fold import fold
-from runrelay.eventlog.lineproto import File, Info, Metric, ProtocolError, Result, Sync, parse_line
+from runrelay.eventlog.lineproto import MAX_LINE_BYTES, File, Info, Metric, ProtocolError, Result, Sync, parse_line
 from runrelay.eventlog.writer import writer_alive
 
 WAIT_SECONDS = 60.0  # a bound for things that take milliseconds; never asserted on
@@ -332,3 +332,17 @@ def test_sigint_to_the_wrapper_reaches_a_python_script_once_and_interrupts_the_r
     assert wrapper.stdout.read() == "cleaning up\ncleaned up\n"
     state = place.state()
     assert state.status == "INTERRUPTED" and state.captured_out.startswith("cleaning up\ncleaned up\n")
+
+
+@pytest.mark.parametrize("chunk", [64 * 1024, 4 * MAX_LINE_BYTES], ids=["in reads", "in one read"])
+def test_an_over_long_line_is_skipped_however_it_arrives(chunk, capsys):
+    state = _RunState()
+    protocol = _Protocol(None, RunJournal(None), state)
+    data = b"result 1\n" + b"a" * (MAX_LINE_BYTES + 10) + b"\nresult 2\ninfo k\n"
+    for start in range(0, len(data), chunk):
+        protocol.feed(data[start:start + chunk])
+    protocol.feed(b"")
+    assert state.result == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"runrelay exec: protocol line 2 skipped: longer than {MAX_LINE_BYTES} bytes: {b'a' * 80!r}",
+        "runrelay exec: protocol line 4 skipped: info takes 2 word(s), got 1: b'info k'"]
