@@ -9,6 +9,7 @@ The run is journaled exactly as the Sacred observer journals one (docs/events.md
 ``started``, heartbeats from a background thread, metrics, artifacts and resources
 as they happen, and one ending: ``completed`` when the block exits normally,
 ``interrupted`` on KeyboardInterrupt, ``failed`` with the traceback otherwise.
+Under ``runrelay exec`` the Recorder attaches to the wrapper's run (docs/exec.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runrelay.eventlog.events import Kind, metric_value
+from runrelay.eventlog.lineproto import WrapperLink
 from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.writer import Durability, JournalWriter
 
@@ -112,14 +114,16 @@ class Recorder:
         """Journal the run's start (durably) and start its heartbeats."""
         if not heartbeat_seconds > 0:
             raise ValueError("heartbeat_seconds must be a positive number of seconds")
-        writer = JournalWriter.create(default_journal_dir() if journal_dir is None else journal_dir, durability=durability)
+        # Under `runrelay exec` the wrapper is the run's one writer: attach to its run.
+        writer = WrapperLink.from_environment() or JournalWriter.create(
+            default_journal_dir() if journal_dir is None else journal_dir, durability=durability)
         try:
             writer.append(
                 Kind.STARTED,
                 {
                     "ex_info": _experiment_info(experiment),
                     "command": "main",
-                    "host_info": _host_info(),
+                    "host_info": host_info(),
                     "start_time": utc_now(),
                     "config": config or {},
                     "meta_info": {},
@@ -249,7 +253,7 @@ def _experiment_info(name: str | None) -> dict:
     }
 
 
-def _host_info() -> dict:
+def host_info() -> dict:
     """The keys Sacred's default host info has (GPUs are not probed)."""
     return {
         "hostname": platform.node(),

@@ -315,7 +315,7 @@ def test_dlq_retry_while_the_daemon_runs_redrives_through_it(tmp_path):
 
 COMMANDS = [
     [], ["daemon"], ["sync"], ["status"], ["dlq"], ["dlq", "list"], ["dlq", "retry"], ["dlq", "drop"], ["demo"],
-    ["journal"], ["journal", "ls"], ["journal", "cat"], ["journal", "verify"], ["watchdog"],
+    ["journal"], ["journal", "ls"], ["journal", "cat"], ["journal", "verify"], ["exec"], ["watchdog"],
 ]
 
 
@@ -331,6 +331,8 @@ def test_every_command_has_help_with_an_example(command, tmp_path):
     (["sync", "--journal", "/etc/hostname"], "the journal /etc/hostname is not a directory"),
     (["status", "--journal", "/nonexistent/journal"], "no journal at /nonexistent/journal"),
     (["dlq", "retry", "--all", "7"], "give dead letter ids or --all"),
+    (["exec", "--name", "x"], "exec: give the command after --"),
+    (["exec", "--config", "lr", "--", "true"], "exec: --config 'lr': expected KEY=VALUE"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     result = runrelay(*args, home=tmp_path)

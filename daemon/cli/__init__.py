@@ -12,7 +12,7 @@ import signal
 import sys
 
 from runrelay import __version__
-from runrelay.daemon.cli import deliver, demo, dlq, journal, status, watchdog
+from runrelay.daemon.cli import deliver, demo, dlq, exec, journal, status, watchdog
 from runrelay.daemon.cli.options import EXITS_DELIVER, delivery_options, help_when_bare, journal_options
 from runrelay.daemon.config import ConfigError
 from runrelay.daemon.errors import EXIT_SIGNALLED, EXIT_USAGE, UserError
@@ -57,4 +57,5 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_commands(commands, common)
     demo.add_commands(commands)
     journal.add_commands(commands, journal_options())
+    exec.add_commands(commands)
     return parser
