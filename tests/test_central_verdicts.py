@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from runrelay.daemon.watchdog import HostReports, Watchdog, utc
 from runrelay.eventlog import JournalWriter, Kind
 from sinkkit import Delivery, append_steps, at, beat, lifecycle, open_sink, write_run
-from test_sql_sink import files, journal, run_row, sink, url  # noqa: F401 - fixtures and helpers
+from test_sql_sink import files, in_threads, journal, run_row, sink, url  # noqa: F401 - fixtures and helpers
 
 HOST = "node-1"
 SILENT = 300.0
@@ -70,13 +70,7 @@ def test_three_watchdogs_at_once_write_each_verdict_once(url, journal, files):
         ready.wait()
         written.append(watchdog([sink]).once())
 
-    threads = [threading.Thread(target=judge, args=(sink,)) for sink in sinks]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for sink in sinks:
-        sink.close()
+    in_threads(judge, sinks)
     assert sum(written) == len(runs)
     assert {run_row(url, run).status for run in runs} == {"DIED"}
 
