@@ -25,7 +25,9 @@ _BIG_INT = 2  # extension code: an int outside MessagePack's 64 bits, big-endian
 MAX_INT_BYTES = 1024
 
 UNJOURNALED = "runrelay/unjournaled"  # the key of the marker that stands for a value not journaled
-_MAX_DEPTH = 250  # under MessagePack's nesting limit (511) and Python's recursion limit
+MAX_DEPTH = 250  # under MessagePack's nesting limit (511) and Python's recursion limit
+CUT_NOTE = "[runrelay: {cut} characters cut here, too large to journal]"
+_KEPT_AT_LEAST = 64
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = _repr.maxlong = 200
 
@@ -121,6 +123,24 @@ def _text(value: Any) -> str:
         return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<no repr>"
 
 
+def too_deep(value: Any) -> bool:
+    """Whether ``value`` holds a list or dict more than ``MAX_DEPTH`` levels down
+    (``journalable`` replaces those by markers; a reader calls a record nested much deeper
+    corruption). Each level takes a byte of payload at least: only a payload longer than
+    ``MAX_DEPTH`` bytes needs the look."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, (list, tuple)):
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((item, depth + 1) for item in value)
+    return False
+
+
 def journalable(value: Any) -> tuple[Any, list[str]]:
     """``value`` with each part ``encode`` refuses replaced: a str by its text with what
     UTF-8 cannot hold escaped, a dict key by its repr, anything else by a ``marker``; and
@@ -131,15 +151,15 @@ def journalable(value: Any) -> tuple[Any, list[str]]:
 
 
 def _journalable(value: Any, path: str, depth: int, problems: list[str]) -> Any:
-    if depth > _MAX_DEPTH:
-        problems.append(f"{path}: nested more than {_MAX_DEPTH} deep")
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        problems.append(f"{_short(path)}: nested more than {MAX_DEPTH} deep")
         return marker(value)
     if isinstance(value, dict):
         kept = {}
         for key, item in value.items():
             error = _refused(key)
             if error is not None:
-                problems.append(f"{path or 'value'} key {_text(key)}: {error}")
+                problems.append(f"{_short(path) or 'value'} key {_text(key)}: {error}")
                 key = _escaped(key) if isinstance(key, str) else _text(key)  # a key stays hashable
             kept[key] = _journalable(item, f"{path}.{key}" if path else str(key), depth + 1, problems)
         return kept
@@ -148,8 +168,49 @@ def _journalable(value: Any, path: str, depth: int, problems: list[str]) -> Any:
     error = _refused(value)
     if error is None:
         return value
-    problems.append(f"{path or 'value'}: {error}")
+    problems.append(f"{_short(path) or 'value'}: {error}")
     return _escaped(value) if isinstance(value, str) else marker(value)
+
+
+def fitted(value: Any, max_bytes: int) -> tuple[Any, list[str]]:
+    """``value`` (one ``encode`` takes) made to encode within ``max_bytes``: its longest
+    strings cut in the middle around a note saying how much was cut (a str stays a str, so
+    a traceback or a status keeps its type), its longest bytes replaced by a ``marker``, and
+    if that is not enough, its largest top-level parts replaced by markers; and what was
+    cut, for a warning. Slow: it is for a value too large for one journal record."""
+    problems: list[str] = []
+    keep = max_bytes // 8  # characters kept of each long str: at most 4 bytes each
+    while keep >= _KEPT_AT_LEAST and len(encode(value)) > max_bytes:
+        value = _cut(value, "", keep, problems)
+        keep //= 8
+    if isinstance(value, dict) and len(encode(value)) > max_bytes:
+        for key in sorted(value, key=lambda key: len(encode(value[key])), reverse=True):
+            problems.append(f"{key}: too large to journal")
+            value = {**value, key: marker(value[key])}
+            if len(encode(value)) <= max_bytes:
+                break
+    return value, problems
+
+
+def _cut(value: Any, path: str, keep: int, problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _cut(item, f"{path}.{key}" if path else str(key), keep, problems) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cut(item, f"{path}[{index}]", keep, problems) for index, item in enumerate(value)]
+    if isinstance(value, str) and len(value) > keep:
+        problems.append(f"{_short(path) or 'value'}: {len(value) - keep} of its {len(value)} characters cut "
+                        "(too large to journal)")
+        half = keep // 2
+        return value[:half] + CUT_NOTE.format(cut=len(value) - 2 * half) + value[-half:]
+    if isinstance(value, bytes) and len(value) > keep:
+        problems.append(f"{_short(path) or 'value'}: {len(value)} bytes, too large to journal")
+        return marker(value)
+    return value
+
+
+def _short(path: str) -> str:
+    """A path to a value, for a warning: its ends when it is long (a deep one is very long)."""
+    return path if len(path) <= 120 else f"{path[:60]}…{path[-60:]}"
 
 
 def _escaped(text: str) -> str:
