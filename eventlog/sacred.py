@@ -242,15 +242,28 @@ def _flat(value, changing_elsewhere: bool = False):
     datetimes (the journal keeps their type). ``flatten`` builds new objects, so nothing
     journaled aliases Sacred's dicts, which it mutates in place.
 
-    A value ``flatten`` fails on is journaled as it is (the writer keeps what it can of it
-    and marks the rest), never failing the run; with ``changing_elsewhere``, except when
-    another thread changed it while it was read (RuntimeError): the caller skips it."""
+    A dict or list ``flatten`` fails on has each of its parts flattened on its own, so that
+    only the part it fails on is journaled as it is (the writer keeps what it can of it and
+    marks the rest), never failing the run; with ``changing_elsewhere``, except when another
+    thread changed it while it was read (RuntimeError): the caller skips it."""
+    return _flat_parts(value, changing_elsewhere, _FLAT_PARTS_DEPTH)
+
+
+_FLAT_PARTS_DEPTH = 100  # levels ``_flat`` descends into a value ``flatten`` fails on (a deep
+# one fails for Python's recursion limit, which descending any further would meet too)
+
+
+def _flat_parts(value, changing_elsewhere: bool, depth: int):
     try:
         return _keep_datetimes(value, flatten(value))
     except Exception as error:  # noqa: BLE001 - whatever a user's object raises
         if changing_elsewhere and type(error) is RuntimeError:
             raise
-        return value
+    if depth and type(value) is dict:
+        return {key: _flat_parts(item, changing_elsewhere, depth - 1) for key, item in value.items()}
+    if depth and type(value) in (list, tuple):
+        return [_flat_parts(item, changing_elsewhere, depth - 1) for item in value]
+    return value
 
 
 def _keep_datetimes(original, flat):
