@@ -201,6 +201,9 @@ class JournalWriter:
             payload = self._encode_marked(record, codec.journalable)
         if len(payload) > MAX_PAYLOAD:
             payload = self._encode_marked(record, lambda body: codec.fitted(body, MAX_PAYLOAD - _RECORD_ROOM))
+            if len(payload) > MAX_PAYLOAD:  # millions of fields, even as markers
+                raise JournalWriteError(f"run {self.run}: a {kind.value} event of {len(payload)} bytes even with "
+                                        f"markers exceeds the {MAX_PAYLOAD}-byte limit of one journal record")
         with self._mutex:
             self._check_usable()
             seq = self._next_seq

@@ -46,7 +46,8 @@ def test_a_hostile_sacred_experiment_ends_with_its_real_status_in_the_journal_an
     assert state.info["numpy"]["array"]["py/object"] == "numpy.ndarray"  # as Sacred's flatten gave it
     assert state.info["huge"][codec.UNJOURNALED] == "int"
     if ending == "complete":  # Sacred's output of a run that raised is what its last beat before read
-        assert state.captured_out.endswith("the last line\n") and len(state.captured_out) > output_mb * 2**20
+        assert "the last line\n" in state.captured_out[-100_000:]  # then maybe Sacred's own last log lines
+        assert len(state.captured_out) > output_mb * 2**20
         assert state.result["flops"] == -3 * 10**21
 
     synced = place.sync()

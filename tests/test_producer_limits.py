@@ -57,18 +57,22 @@ def test_a_body_beyond_one_record_is_cut_with_a_note_and_the_ending_lands(journa
     events, state = ended(journal_dir, run.uid)
     assert state.status == "COMPLETED" and events[-1].kind is Kind.COMPLETED
     for kept in (state.result, state.info["log"]):
-        assert kept.startswith("start") and kept.endswith("end") and len(kept) < MAX_PAYLOAD // 4
+        assert kept.startswith("start") and kept.endswith("end") and len(kept) < MAX_PAYLOAD
         assert "characters cut here, too large to journal" in kept
     assert any("result: " in record.message and "characters cut (too large to journal)" in record.message
                for record in caplog.records)
 
 
-def test_bytes_beyond_one_record_become_a_marker(journal_dir):
+def test_bytes_or_very_many_values_beyond_one_record_become_markers(journal_dir):
+    many = ["x" * 4096] * 20_000  # 80 MiB in many parts
+    result = {"blob": b"\0" * (MAX_PAYLOAD + 1), "series": many, "kept": [1, 2]}
     with JournalWriter.create(journal_dir) as writer:
-        writer.append(Kind.COMPLETED, {"stop_time": None, "result": {"blob": b"\0" * (MAX_PAYLOAD + 1)}})
+        writer.append(Kind.COMPLETED, {"stop_time": None, "result": result})
         run = writer.run
     [event] = Journal(journal_dir).events(run)
-    assert event.body["result"]["blob"][codec.UNJOURNALED] == "bytes"
+    stored = event.body["result"]
+    assert stored["blob"][codec.UNJOURNALED] == "bytes" and stored["series"][codec.UNJOURNALED] == "list"
+    assert stored["kept"] == [1, 2]
 
 
 # --- 5. nothing a reader calls corrupt ---------------------------------------------------------
