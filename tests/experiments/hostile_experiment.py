@@ -3,7 +3,7 @@ and beyond what the journal keeps, nesting deeper than the journal keeps, more o
 two beats than one journal record holds, dict keys that are not str, objects Sacred's own
 ``flatten`` serialises (NumPy arrays and scalars, sets, tuples, bytes), a long custom status.
 
-    python hostile_experiment.py -j JOURNAL_DIR with ending=fail output_mb=70
+    python hostile_experiment.py -j JOURNAL_DIR with ending=fail output_mb=70 pause=1
 
 ``ending``: complete (returns a hostile result), fail (raises), custom (a SacredInterrupt
 whose STATUS is longer than any status column).
@@ -11,6 +11,7 @@ whose STATUS is longer than any status column).
 
 import datetime as dt
 import sys
+import time
 
 import numpy as np
 from sacred import Experiment
@@ -36,12 +37,13 @@ def nested(depth):
 def config():
     ending = "complete"
     output_mb = 70  # of output printed between two heartbeats: more than one journal record holds
+    pause = 0.0  # seconds to wait after the output, for a heartbeat to take it
     flops = 3 * 10**21  # beyond MessagePack's 64 bits
     grid = {"sizes": (1, 2, 3), "name": "é\u2603"}
 
 
 @ex.main
-def main(_run, ending, output_mb, flops):
+def main(_run, ending, output_mb, pause, flops):
     _run.info["huge"] = 2**10000  # beyond what the journal keeps exactly
     _run.info["deep"] = nested(300)  # deeper than the journal keeps
     _run.info["keys"] = {5: "int", (1, 2): "tuple", None: "none", 1.5: "float"}
@@ -55,6 +57,7 @@ def main(_run, ending, output_mb, flops):
     for _ in range(output_mb):
         sys.stdout.write(lines)
     print("the last line", flush=True)  # Sacred reads what reached the file, not what Python buffers
+    time.sleep(pause)
     if ending == "fail":
         raise RuntimeError("hostile failure " + "!" * 100_000)
     if ending == "custom":
