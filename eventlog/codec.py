@@ -25,7 +25,11 @@ _BIG_INT = 2  # extension code: an int outside MessagePack's 64 bits, big-endian
 MAX_INT_BYTES = 1024
 
 UNJOURNALED = "runrelay/unjournaled"  # the key of the marker that stands for a value not journaled
-_MAX_DEPTH = 250  # under MessagePack's nesting limit (511) and Python's recursion limit
+MAX_DEPTH = 250  # under MessagePack's nesting limit (511) and Python's recursion limit
+CUT_NOTE = "[runrelay: {cut} characters cut here, too large to journal]"
+_KEPT_AT_LEAST = 64  # bytes a part too large to journal is cut to at the least
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes, dt.datetime})  # never holds a part
+_FITTED_PARTS = 10_000  # a larger dict or list too large to journal becomes a marker
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = _repr.maxlong = 200
 
@@ -121,6 +125,25 @@ def _text(value: Any) -> str:
         return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<no repr>"
 
 
+def too_deep(value: Any) -> bool:
+    """Whether ``value`` holds a list or dict more than ``MAX_DEPTH`` levels down
+    (``journalable`` replaces those by markers; a reader calls a record nested much deeper
+    corruption). Each level takes a byte of payload at least: only a payload longer than
+    ``MAX_DEPTH`` bytes needs the look. Level by level, and a container of plain values
+    only is passed over in C: a long list of numbers costs little."""
+    level = [value] if isinstance(value, (dict, list, tuple)) else []
+    for _ in range(MAX_DEPTH + 1):
+        below = []
+        for container in level:
+            parts = container.values() if isinstance(container, dict) else container
+            if not _PLAIN.issuperset(map(type, parts)):
+                below.extend(part for part in parts if isinstance(part, (dict, list, tuple)))
+        if not below:
+            return False
+        level = below
+    return True
+
+
 def journalable(value: Any) -> tuple[Any, list[str]]:
     """``value`` with each part ``encode`` refuses replaced: a str by its text with what
     UTF-8 cannot hold escaped, a dict key by its repr, anything else by a ``marker``; and
@@ -131,15 +154,15 @@ def journalable(value: Any) -> tuple[Any, list[str]]:
 
 
 def _journalable(value: Any, path: str, depth: int, problems: list[str]) -> Any:
-    if depth > _MAX_DEPTH:
-        problems.append(f"{path}: nested more than {_MAX_DEPTH} deep")
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        problems.append(f"{_short(path)}: nested more than {MAX_DEPTH} deep")
         return marker(value)
     if isinstance(value, dict):
         kept = {}
         for key, item in value.items():
             error = _refused(key)
             if error is not None:
-                problems.append(f"{path or 'value'} key {_text(key)}: {error}")
+                problems.append(f"{_short(path) or 'value'} key {_text(key)}: {error}")
                 key = _escaped(key) if isinstance(key, str) else _text(key)  # a key stays hashable
             kept[key] = _journalable(item, f"{path}.{key}" if path else str(key), depth + 1, problems)
         return kept
@@ -148,8 +171,57 @@ def _journalable(value: Any, path: str, depth: int, problems: list[str]) -> Any:
     error = _refused(value)
     if error is None:
         return value
-    problems.append(f"{path or 'value'}: {error}")
+    problems.append(f"{_short(path) or 'value'}: {error}")
     return _escaped(value) if isinstance(value, str) else marker(value)
+
+
+def fitted(value: Any, max_bytes: int) -> tuple[Any, list[str]]:
+    """``value`` (one ``encode`` takes) made to encode within about ``max_bytes``: where it
+    is large, a str is cut in the middle around a note saying how much was cut (a str stays a
+    str, so a traceback or a status keeps its type), a dict or list has its largest parts made
+    smaller, and anything else (bytes, a container of very many parts) becomes a ``marker``;
+    and what was changed, for a warning. Only the large parts are looked into, each encoded
+    once per level: it is for a value too large for one journal record."""
+    problems: list[str] = []
+    return _fitted(value, "", max_bytes, len(encode(value)), problems), problems
+
+
+def _fitted(value: Any, path: str, budget: int, size: int, problems: list[str]) -> Any:
+    """``value``, of encoded ``size``, within about ``budget`` bytes."""
+    if size <= budget:
+        return value
+    where = _short(path) or "value"
+    if isinstance(value, str) and budget > _KEPT_AT_LEAST:
+        keep = int(len(value) * budget / size) - len(CUT_NOTE) - 24  # at its bytes per character
+        half = max(keep // 2, 1)
+        problems.append(f"{where}: {len(value) - 2 * half} of its {len(value)} characters cut (too large to journal)")
+        return value[:half] + CUT_NOTE.format(cut=len(value) - 2 * half) + value[-half:]
+    if isinstance(value, (dict, list)) and len(value) <= _FITTED_PARTS:
+        parts = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        sizes = [len(encode(item)) for _, item in parts]
+        cap = _fair_share(sizes, budget - (size - sum(sizes)))  # the container's own bytes stay
+        fitted = [_fitted(item, f"{path}.{key}" if path else str(key), cap, part_size, problems)
+                  for (key, item), part_size in zip(parts, sizes)]
+        return dict(zip(value, fitted)) if isinstance(value, dict) else fitted
+    problems.append(f"{where}: a {type(value).__name__} of {size} bytes, too large to journal")
+    return marker(value)
+
+
+def _fair_share(sizes: list[int], room: int) -> int:
+    """The most each part may keep so that together they fit ``room``: the small ones whole,
+    the large ones alike."""
+    left = len(sizes)
+    for part in sorted(sizes):
+        share = room // left
+        if part > share:
+            return max(share, _KEPT_AT_LEAST)
+        room, left = room - part, left - 1
+    return max(sizes, default=0)
+
+
+def _short(path: str) -> str:
+    """A path to a value, for a warning: its ends when it is long (a deep one is very long)."""
+    return path if len(path) <= 120 else f"{path[:60]}…{path[-60:]}"
 
 
 def _escaped(text: str) -> str:

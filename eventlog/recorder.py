@@ -10,10 +10,14 @@ The run is journaled exactly as the Sacred observer journals one (docs/events.md
 as they happen, and one ending: ``completed`` when the block exits normally,
 ``interrupted`` on KeyboardInterrupt, ``failed`` with the traceback otherwise.
 Under ``runrelay exec`` the Recorder attaches to the wrapper's run (docs/exec.md).
+Once started, a journal that cannot be written (a full disk) never fails the run: what
+cannot be journaled meanwhile is lost, logged by the writer, and journaling goes on once
+it can.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -25,12 +29,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from runrelay.eventlog.errors import JournalWriteError
 from runrelay.eventlog.events import Kind, metric_value
 from runrelay.eventlog.lineproto import WrapperLink
 from runrelay.eventlog.location import default_journal_dir
 from runrelay.eventlog.writer import Durability, JournalWriter
 
 DEFAULT_HEARTBEAT_SECONDS = 10.0  # Sacred's default beat interval
+# Output per heartbeat event: at most 16 MiB of UTF-8, well inside one journal record.
+OUTPUT_PIECE_CHARS = 4 * 1024 * 1024
 RUNNING = "RUNNING"
 
 log = logging.getLogger(__name__)
@@ -73,11 +80,37 @@ def start_ticks(pid: int | str = "self") -> int | None:
     return None if fields is None else int(fields[22 - 3])
 
 
-def captured_out_body(journaled: str, text: str) -> dict:
-    """The heartbeat's output field: only the new text while the output only grows."""
-    if text.startswith(journaled):
-        return {"captured_out_append": text[len(journaled) :]}
-    return {"captured_out": text}
+def append_heartbeat(writer: JournalWriter, body: dict, journaled: str, text: str) -> str:
+    """Journal a heartbeat with the output ``text``: as ``captured_out_append`` (the text
+    after ``journaled``) while the output only grows, else as ``captured_out``. Output too
+    large for one record goes in several heartbeats of the same beat, a piece in each.
+
+    Returns the output now journaled: ``text``, or as much as was when the journal failed
+    (a JournalWriteError, logged by the writer, is not raised: the run goes on)."""
+    grows = text.startswith(journaled)
+    base = journaled if grows else ""
+    field, new = ("captured_out_append" if grows else "captured_out"), text[len(base):]
+    done = journaled
+    for start in range(0, max(len(new), 1), OUTPUT_PIECE_CHARS):
+        end = start + OUTPUT_PIECE_CHARS
+        try:
+            writer.append(Kind.HEARTBEAT, {**body, field: new[start:end]})
+        except JournalWriteError:
+            return done
+        done, field = base + new[:end], "captured_out_append"
+    return text
+
+
+def journal_ending(writer: JournalWriter, kind: Kind, body: dict) -> None:
+    """Journal the run's ending and close its writer; a journal that cannot take it is
+    logged, never raised: the experiment comes first."""
+    try:
+        writer.append(kind, body)
+    except JournalWriteError as error:
+        log.error("run %s: its ending (%s) is not journaled: %s", writer.run, kind.value, error)
+    finally:
+        with contextlib.suppress(JournalWriteError):  # a failed last fsync: logged by the writer
+            writer.close()
 
 
 class Recorder:
@@ -145,10 +178,14 @@ class Recorder:
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Journal one point now; without ``step``, one more than the name's last step."""
         with self._lock:
+            self._check_running()
             if step is None:
                 step = self._steps.get(name, -1) + 1
             self._steps[name] = step
-            self._writer.append_metric(name, step, metric_value(value), utc_now())
+            try:
+                self._writer.append_metric(name, step, metric_value(value), utc_now())
+            except JournalWriteError:
+                pass  # logged by the writer; the run goes on
 
     def add_artifact(
         self,
@@ -158,15 +195,19 @@ class Recorder:
         content_type: str | None = None,
     ) -> None:
         """Copy a file the run produced into the journal now; the file may change afterwards."""
+        self._check_running()
         filename = os.path.abspath(path)
-        stored = self._writer.store_file(filename)
-        body = {"name": name or os.path.basename(filename), "filename": filename, **stored}
-        self._writer.append(Kind.ARTIFACT, {**body, "metadata": metadata, "content_type": content_type})
+        with contextlib.suppress(JournalWriteError):  # logged by the writer; the run goes on
+            stored = self._writer.store_file(filename)
+            body = {"name": name or os.path.basename(filename), "filename": filename, **stored}
+            self._writer.append(Kind.ARTIFACT, {**body, "metadata": metadata, "content_type": content_type})
 
     def add_resource(self, path: str | os.PathLike) -> None:
         """Copy a file the run read into the journal now."""
+        self._check_running()
         filename = os.path.abspath(path)
-        self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
+        with contextlib.suppress(JournalWriteError):  # logged by the writer; the run goes on
+            self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
 
     def print(self, *values: Any, sep: str = " ", end: str = "\n") -> None:
         """Print to stdout and add the text to the run's captured output."""
@@ -209,27 +250,26 @@ class Recorder:
             self.fail(exc)
         return False
 
-    def _end(self, kind: Kind, status: str, body: dict) -> None:
+    def _check_running(self) -> None:
         if self.status != RUNNING:
             raise RuntimeError(f"run {self.uid} has already ended ({self.status})")
+
+    def _end(self, kind: Kind, status: str, body: dict) -> None:
+        self._check_running()
         self.status = status
         self._stop.set()
         self._beats.join()
         try:
-            try:
-                self._heartbeat()  # the last info, result and output, like Sacred's final beat
-            except Exception as error:  # noqa: BLE001 - the ending must still be journaled
-                log.warning("run %s: last heartbeat not journaled: %s", self.uid, error)
-            self._writer.append(kind, body)
-        finally:
-            self._writer.close()
+            self._heartbeat()  # the last info, result and output, like Sacred's final beat
+        except Exception as error:  # noqa: BLE001 - the ending must still be journaled
+            log.warning("run %s: last heartbeat not journaled: %s", self.uid, error)
+        journal_ending(self._writer, kind, body)
 
     def _heartbeat(self) -> None:
         with self._lock:
             out = self._out
         body = {"beat_time": utc_now(), "info": self.info, "result": self.result}
-        self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, out)})
-        self._journaled_out = out
+        self._journaled_out = append_heartbeat(self._writer, body, self._journaled_out, out)
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self._heartbeat_seconds):

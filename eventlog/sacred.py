@@ -8,8 +8,8 @@ See docs/sacred.md for what is journaled when, and why.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import logging
 import os
 import queue
 import sys
@@ -21,17 +21,15 @@ from sacred.observers.base import RunObserver
 from sacred.run import Run
 from sacred.serializer import flatten
 
-from runrelay.eventlog.errors import JournalError
+from runrelay.eventlog.errors import JournalWriteError
 from runrelay.eventlog.events import Kind, metric_value
 from runrelay.eventlog.location import default_journal_dir
-from runrelay.eventlog.recorder import captured_out_body, process_info
+from runrelay.eventlog.recorder import append_heartbeat, journal_ending, process_info
 from runrelay.eventlog.writer import Durability, JournalWriter
 
 # Above every Sacred observer (theirs default to 10-40): the journal copies what Sacred
 # hands the observers before any other observer changes it in place.
 PRIORITY = 10_000
-
-log = logging.getLogger(__name__)
 
 
 class JournalObserver(RunObserver):
@@ -67,8 +65,7 @@ class JournalObserver(RunObserver):
             # beat: raising would make Sacred drop the observer for the rest of the run.
             return
         body = {"beat_time": beat_time, "info": info, "result": result}
-        self._writer.append(Kind.HEARTBEAT, {**body, **captured_out_body(self._journaled_out, captured_out)})
-        self._journaled_out = captured_out
+        self._journaled_out = append_heartbeat(self._writer, body, self._journaled_out, captured_out)
 
     def log_metrics(self, metrics_by_name, info):
         if self._metrics_hooked:
@@ -77,15 +74,18 @@ class JournalObserver(RunObserver):
         # Run): journal the points Sacred hands over at the heartbeat.
         for name, series in metrics_by_name.items():
             for step, value, timestamp in zip(series["steps"], series["values"], series["timestamps"]):
-                self._writer.append_metric(name, step, _metric_value(value), timestamp)
+                with contextlib.suppress(JournalWriteError):  # logged by the writer; the run goes on
+                    self._writer.append_metric(name, step, _metric_value(value), timestamp)
 
     def resource_event(self, filename):
-        self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
+        with contextlib.suppress(JournalWriteError):  # logged by the writer; the run goes on
+            self._writer.append(Kind.RESOURCE, {"filename": filename, **self._writer.store_file(filename)})
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
-        stored = self._writer.store_file(filename)  # before the event: the file may go away next
-        body = {"name": name, "filename": filename, **stored, "metadata": _flat(metadata)}
-        self._writer.append(Kind.ARTIFACT, {**body, "content_type": content_type})
+        with contextlib.suppress(JournalWriteError):  # logged by the writer; the run goes on
+            stored = self._writer.store_file(filename)  # before the event: the file may go away next
+            body = {"name": name, "filename": filename, **stored, "metadata": _flat(metadata)}
+            self._writer.append(Kind.ARTIFACT, {**body, "content_type": content_type})
 
     def completed_event(self, stop_time, result):
         self._end(Kind.COMPLETED, {"stop_time": stop_time, "result": _flat(result)})
@@ -150,12 +150,8 @@ class JournalObserver(RunObserver):
     def _end(self, kind: Kind, body: dict) -> None:
         if self._first is not None:  # an observer after this one failed to start: Sacred ends the run
             self._journal_first(getattr(self._unsettled, "_id", None))
-        if self._writer is None:
-            return  # the run failed before its journal could be opened; nothing to end
-        try:
-            self._writer.append(kind, body)
-        finally:
-            self._writer.close()
+        if self._writer is not None:  # else the run failed before its journal could be opened
+            journal_ending(self._writer, kind, body)
 
     def _journal_metric(self, entry) -> None:
         value = entry.value
@@ -205,8 +201,8 @@ class _JournalingQueue(queue.Queue):
             for journal in self.journals:
                 try:
                     journal(item)
-                except JournalError as error:  # like Sacred: a failing observer never ends the run
-                    log.warning("metric %s not journaled: %s", item.name, error)
+                except JournalWriteError:  # logged by the writer; like Sacred, the run goes on
+                    pass
             super().put(item, block, timeout)
 
 
@@ -246,15 +242,28 @@ def _flat(value, changing_elsewhere: bool = False):
     datetimes (the journal keeps their type). ``flatten`` builds new objects, so nothing
     journaled aliases Sacred's dicts, which it mutates in place.
 
-    A value ``flatten`` fails on is journaled as it is (the writer keeps what it can of it
-    and marks the rest), never failing the run; with ``changing_elsewhere``, except when
-    another thread changed it while it was read (RuntimeError): the caller skips it."""
+    A dict or list ``flatten`` fails on has each of its parts flattened on its own, so that
+    only the part it fails on is journaled as it is (the writer keeps what it can of it and
+    marks the rest), never failing the run; with ``changing_elsewhere``, except when another
+    thread changed it while it was read (RuntimeError): the caller skips it."""
+    return _flat_parts(value, changing_elsewhere, _FLAT_PARTS_DEPTH)
+
+
+_FLAT_PARTS_DEPTH = 100  # levels ``_flat`` descends into a value ``flatten`` fails on (a deep
+# one fails for Python's recursion limit, which descending any further would meet too)
+
+
+def _flat_parts(value, changing_elsewhere: bool, depth: int):
     try:
         return _keep_datetimes(value, flatten(value))
     except Exception as error:  # noqa: BLE001 - whatever a user's object raises
         if changing_elsewhere and type(error) is RuntimeError:
             raise
-        return value
+    if depth and type(value) is dict:
+        return {key: _flat_parts(item, changing_elsewhere, depth - 1) for key, item in value.items()}
+    if depth and type(value) in (list, tuple):
+        return [_flat_parts(item, changing_elsewhere, depth - 1) for item in value]
+    return value
 
 
 def _keep_datetimes(original, flat):

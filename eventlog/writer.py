@@ -13,11 +13,13 @@ inline (docs/journal-format.md, version 2).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import logging
 import os
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -44,8 +46,9 @@ from runrelay.eventlog.format import (
     segment_name,
     segment_version,
 )
-from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir, write_all
-from runrelay.eventlog.reader import Journal, _mapped, _Outcome
+from runrelay.eventlog.fsutil import (FILE_MODE, NotRegularFile, file_kind, fsync_dir, make_private_dir, open_regular,
+                                      write_all)
+from runrelay.eventlog.reader import MAX_SEQ, Journal, _mapped, _Outcome
 
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
@@ -62,6 +65,7 @@ _CRC = struct.Struct(">I")
 _crc32 = zlib.crc32
 _time_ns = time.time_ns
 _METRICS = Kind.METRICS.value
+_RECORD_ROOM = 64  # of a payload, for the kind and time around the body
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class JournalWriter:
         self._next_seq = 0
         self._dirty = False
         self._failure: OSError | None = None
+        self._failed_writes = 0  # in a row, e.g. while the disk is full
         self._unusable = False  # closed or failed: the fast path's one check
         self._packer = codec.metric_packer()
         self._warned: set[str] = set()
@@ -106,9 +111,10 @@ class JournalWriter:
         root: str | os.PathLike,
         run: str | None = None,
         durability: Durability = Durability(),
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_bytes: int | None = None,
     ) -> "JournalWriter":
-        """Start a new run's journal (a fresh run uid unless one is given)."""
+        """Start a new run's journal (a fresh run uid unless one is given); segments of about
+        ``segment_bytes`` (default ``DEFAULT_SEGMENT_BYTES``)."""
         journal = Journal(root)
         run = check_run_uid(run) if run else new_run_uid()
         make_private_dir(journal.root)
@@ -120,7 +126,7 @@ class JournalWriter:
         writer = None
         try:
             fsync_dir(journal.root)
-            writer = cls(journal, run, _lock(run_dir), durability, segment_bytes)
+            writer = cls(journal, run, _lock(run_dir), durability, segment_bytes or DEFAULT_SEGMENT_BYTES)
             writer._open_segment(0)
         except BaseException:
             if writer is not None:
@@ -183,16 +189,21 @@ class JournalWriter:
     def append(self, kind: Kind, body: dict[str, Any], time_us: int | None = None) -> int:
         """Journal one event and return its seq; durable as its kind's class requires.
 
-        A value in ``body`` that cannot be journaled never fails the append: it is journaled
-        as a marker, with a warning (``codec.journalable``)."""
+        A value in ``body`` that cannot be journaled never fails the append, nor one nested
+        too deep, nor a body too large for one record: it is journaled with markers where it
+        was changed, with a warning (``codec.journalable``, ``codec.fitted``)."""
         record = [kind.value, micros_now() if time_us is None else time_us, body]
         try:
             payload = codec.encode(record)
         except codec.EncodeError:
-            payload = self._encode_marked(record)
+            payload = self._encode_marked(record, codec.journalable)
+        if len(payload) > codec.MAX_DEPTH and codec.too_deep(record[2]):
+            payload = self._encode_marked(record, codec.journalable)
         if len(payload) > MAX_PAYLOAD:
-            raise JournalWriteError(f"run {self.run}: a {kind.value} event of {len(payload)} bytes exceeds the "
-                                    f"{MAX_PAYLOAD}-byte limit of one journal record; nothing was journaled")
+            payload = self._encode_marked(record, lambda body: codec.fitted(body, MAX_PAYLOAD - _RECORD_ROOM))
+            if len(payload) > MAX_PAYLOAD:  # millions of fields, even as markers
+                raise JournalWriteError(f"run {self.run}: a {kind.value} event of {len(payload)} bytes even with "
+                                        f"markers exceeds the {MAX_PAYLOAD}-byte limit of one journal record")
         with self._mutex:
             self._check_usable()
             seq = self._next_seq
@@ -235,13 +246,15 @@ class JournalWriter:
         body = {"name": name, "step": step, "value": value, "timestamp": timestamp}
         return self.append(Kind.METRICS, body, time_us)
 
-    def _encode_marked(self, record: list) -> bytes:
-        body, problems = codec.journalable(record[2])
+    def _encode_marked(self, record: list, mark) -> bytes:
+        """The payload of ``record`` with its body changed by ``mark`` (which returns the new
+        body and what it changed, for the warning); ``record`` gets the new body."""
+        record[2], problems = mark(record[2])
         warning = f"run {self.run}: {record[0]} event journaled with markers for " + "; ".join(problems)
         if warning not in self._warned and len(self._warned) < MAX_MARKER_WARNINGS:
             self._warned.add(warning)  # once each: a value logged at every step would flood the log
             log.warning("%s", warning)
-        return codec.encode([record[0], record[1], body])
+        return codec.encode(record)
 
     def store_file(self, path: str | os.PathLike) -> dict:
         """Copy a file into the run's blob store now; returns {digest, md5, size}."""
@@ -249,7 +262,7 @@ class JournalWriter:
         try:
             return store_blob(self.dir, path)
         except OSError as error:
-            raise JournalWriteError(f"could not store {os.fspath(path)!r} for run {self.run}: {error}") from error
+            raise self._failed(f"could not store {os.fspath(path)!r}: {error}") from error
 
     def sync(self) -> None:
         """Make everything appended so far durable now."""
@@ -295,7 +308,10 @@ class JournalWriter:
             raise JournalWriteError(f"run {self.run}: journal unusable after an fsync failure: {self._failure}")
 
     def _put(self, record: bytes) -> None:
-        """Write one framed record, starting a new segment first if it would overflow this one."""
+        """Write one framed record (of seq ``_next_seq``), starting a new segment first if it
+        would overflow this one."""
+        if self._next_seq > MAX_SEQ:  # a reader would call it corruption
+            raise self._failed(f"seq {self._next_seq} is beyond the last a journal holds ({MAX_SEQ})")
         if self._size + len(record) > self._segment_bytes and self._size > SEGMENT_HEADER_SIZE:
             self._rotate(self._next_seq)
         start = self._size
@@ -305,8 +321,20 @@ class JournalWriter:
                 write_all(self._fd, memoryview(record)[written:])
         except OSError as error:
             self._undo_partial_write(start)
-            raise JournalWriteError(f"run {self.run}: could not append to the journal: {error}") from error
+            raise self._failed(f"could not append to the journal: {error}") from error
         self._size = start + len(record)
+        if self._failed_writes:
+            log.warning("run %s: journaling again; %d writes had failed", self.run, self._failed_writes)
+            self._failed_writes = 0
+
+    def _failed(self, why: str) -> JournalWriteError:
+        """The error of a failed write, logged for the first of a series only: a full disk
+        fails every write until space returns, and each later one tries again."""
+        error = JournalWriteError(f"run {self.run}: {why}")
+        if not self._failed_writes:
+            log.warning("%s (later failures are not logged until a write works again)", error)
+        self._failed_writes += 1
+        return error
 
     def _undo_partial_write(self, start: int) -> None:
         """Cut a half-written record so later appends do not follow garbage."""
@@ -323,7 +351,7 @@ class JournalWriter:
             # After a failed fsync the page cache state is unknown: stop writing (as PostgreSQL does).
             self._failure = error
             self._unusable = True
-            raise JournalWriteError(f"run {self.run}: fsync of the journal failed: {error}") from error
+            raise self._failed(f"fsync of the journal failed, no more is journaled: {error}") from error
         self._dirty = False
         self._store_hint()
 
@@ -336,26 +364,29 @@ class JournalWriter:
             pass
 
     def _rotate(self, first_seq: int) -> None:
+        """Go on in a new segment. Until it can be made (a full disk), the current one stays
+        the one appended to, so the next append simply tries again."""
         self._fsync()
-        os.close(self._fd)
-        self._fd = -1
+        full = self._fd
         self._open_segment(first_seq)
+        os.close(full)
 
     def _open_segment(self, first_seq: int) -> None:
         path = self.dir / segment_name(first_seq)
         header = encode_segment_header(self.run, first_seq)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, FILE_MODE)
-            try:
-                write_all(fd, header)
-                os.fsync(fd)
-            except OSError:
-                os.close(fd)
-                path.unlink(missing_ok=True)
-                raise
+        except OSError as error:
+            raise self._failed(f"could not create segment {path}: {error}") from error
+        try:
+            write_all(fd, header)
+            os.fsync(fd)
             fsync_dir(self.dir)
         except OSError as error:
-            raise JournalWriteError(f"run {self.run}: could not create segment {path}: {error}") from error
+            os.close(fd)
+            with contextlib.suppress(OSError):  # else the next try meets it (O_EXCL): resume removes it
+                path.unlink()
+            raise self._failed(f"could not create segment {path}: {error}") from error
         self._fd = fd
         self._size = len(header)
         self._segment = self._next_seq = first_seq
@@ -421,12 +452,19 @@ def _end_from_scan(journal: Journal, run: str) -> tuple[int, int, int]:
 
 def _lock(run_dir: Path) -> int:
     """Take the run's writer lock; the kernel drops it when the process dies."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE)
     try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise JournalWriteError(f"run {run_dir.name}: {path} is {file_kind(mode)}, not a regular file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise WriterBusy(f"run {run_dir.name} is being written by another live process") from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -440,10 +478,12 @@ def _remove_run_dir(run_dir: Path) -> None:
 
 
 def writer_alive(run_dir: Path) -> bool:
-    """True while some process holds the run's writer lock (for the dead-run watchdog to come)."""
+    """True while some process holds the run's writer lock. A lock file that is not a
+    regular file (a FIFO would hang ``open``, a symlink lead out of the journal) is held by
+    no writer: ``_lock`` never takes one."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = open_regular(run_dir / LOCK_FILE)
+    except (FileNotFoundError, NotRegularFile):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

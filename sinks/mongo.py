@@ -184,7 +184,8 @@ class MongoSink(Sink):
         if "experiment" in changed:
             fields["experiment"] = {**storable(sacred.untuple(state.experiment)), "sources": self._sources(batch)}
         if "artifacts" in changed:
-            fields["artifacts"] = [{"name": entry["name"], "file_id": _file_id(batch.run, "artifact", entry["seq"])}
+            fields["artifacts"] = [{"name": sacred.stored_name(entry["name"]),
+                                    "file_id": _file_id(batch.run, "artifact", entry["seq"])}
                                    for entry in state.artifacts]
         if "resources" in changed:
             fields["resources"] = list({(entry["filename"], entry["md5"]): [entry["filename"], entry["md5"]]
@@ -228,7 +229,8 @@ class MongoSink(Sink):
         """GridFS files and metric points of ``batch``; each write is idempotent."""
         for entry in batch.artifacts:
             self._put(batch.run, entry, _file_id(batch.run, "artifact", entry["seq"]),
-                      f"artifact {entry['name']!r}", filename=f"artifact://{self.runs_name}/{run_id}/{entry['name']}",
+                      f"artifact {entry['name']!r}",
+                      filename=f"artifact://{self.runs_name}/{run_id}/{sacred.stored_name(entry['name'])}",
                       metadata=storable(entry.get("metadata")), contentType=_content_type(entry))
         for entry in batch.resources:
             self._shared(batch.run, entry, entry["filename"], _file_id(batch.run, "resource", entry["seq"]), "resource")
@@ -317,6 +319,7 @@ class MetricWriter:
             by_name.setdefault(row[1], []).append(row)
         operations = []
         for name, rows in by_name.items():
+            name = sacred.stored_name(name)
             documents = parts.get(name, [])
             if self.redelivery:
                 rows = [row for row in rows if not documents or row[0] not in documents[-1].get("redelivered", ())]

@@ -5,7 +5,8 @@ that datetimes stay datetimes (docs/events.md). Each layout stores them as Sacre
 observer for it does; the conversions they share live here, so every sink writes the
 same thing for the same run: jsonpickle'd datetimes, ``flatten``'s tuples undone, naive
 UTC times, finite numbers, the experiment and host keys Sacred shares rows by, the
-visible cut marker for text too large for a backend, and the run document.
+visible cut marker for text too large for a backend, statuses and names within the widths
+every backend takes, and the run document.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any, Callable
 from runrelay.eventlog.fold import RunState
 
 CUT_MARKER = "[runrelay: the first {cut} bytes of this {what} were cut: {why}]\n"
+# The widths of Sacred's SqlObserver columns for a run's status and for names (artifacts,
+# metrics): every sink stores those values within them (``stored_text``).
+STATUS_WIDTH = 64
+NAME_WIDTH = 255
 
 
 def naive_utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -42,18 +47,68 @@ def untuple(value: Any) -> Any:
 
 
 def sacred_json(value: Any) -> str:
-    """``json.dumps(flatten(value))``, as Sacred's SqlObserver stores config and info: the
-    journal's datetimes are put back in jsonpickle's form."""
-    return json.dumps(value, default=pickled_datetime)
+    """``json.dumps(flatten(value))``, as Sacred's SqlObserver stores config and info: what
+    the journal keeps and JSON does not (datetimes, bytes, a tuple as a dict key) is put in
+    the form ``flatten`` (jsonpickle) gives it."""
+    try:
+        return json.dumps(value, default=_pickled)
+    except TypeError:  # a dict key JSON cannot hold: the rare slow path
+        return json.dumps(_json_keys(value), default=_pickled)
 
 
-def pickled_datetime(value: Any) -> dict:
-    """A datetime as ``flatten`` (jsonpickle) writes it."""
+def _pickled(value: Any) -> dict:
+    """A datetime or bytes as ``flatten`` writes it."""
+    if isinstance(value, bytes):
+        return {"py/b64": base64.b64encode(value).decode("ascii")}
     if not isinstance(value, dt.datetime):
         raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
     state = naive_utc(value).__reduce__()[1][0]  # the 10 bytes pickle keeps
     reduced = [{"py/type": "datetime.datetime"}, [base64.b64encode(state).decode("ascii")]]
     return {"py/object": "datetime.datetime", "__reduce__": reduced}
+
+
+def _json_keys(value: Any) -> Any:
+    """``value`` with each dict key JSON cannot hold as ``flatten`` writes it: ``json://``
+    and the key's own JSON (a tuple as {"py/tuple": [...]})."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, (str, int, float, bool, type(None))) else "json://" + sacred_json(_tupled(key)):
+                _json_keys(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_keys(item) for item in value]
+    return value
+
+
+def _tupled(key: Any) -> Any:
+    return {"py/tuple": [_tupled(item) for item in key]} if isinstance(key, tuple) else key
+
+
+def stored_text(text: str, width: int) -> str:
+    """A status or a name as every sink stores it (docs/sinks.md, "Values every sink stores
+    alike"): NUL, which PostgreSQL refuses in text, as U+FFFD; and beyond ``width``
+    characters, its start, "…" and 8 hex digits of the whole text's md5, so two long names
+    stay two."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if len(text) <= width:
+        return text
+    digest = hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{text[: width - len(digest) - 1]}…{digest}"
+
+
+def stored_status(status: str | None) -> str | None:
+    return None if status is None else stored_text(status, STATUS_WIDTH)
+
+
+def stored_name(name: str) -> str:
+    """An artifact's or a metric's name, as stored."""
+    return stored_text(name, NAME_WIDTH)
+
+
+def stored_names(names: list[str]) -> list[str]:
+    """``stored_name`` of each metric name: ``names`` itself when none changes (as nearly
+    always; each distinct name is looked at once)."""
+    changed = {name: stored for name in set(names) if (stored := stored_name(name)) != name}
+    return [changed.get(name, name) for name in names] if changed else names
 
 
 def finite(value: Any) -> float | None:
@@ -113,7 +168,7 @@ def _heartbeat(state: RunState) -> dt.datetime | None:
 # ``config.json``) from the state, in Sacred's forms. The experiment, info, output,
 # sources, artifacts and resources need the layout (GridFS ids, file paths, size budgets).
 RUN_FIELDS: dict[str, Callable[[RunState], Any]] = {
-    "status": lambda state: state.status,
+    "status": lambda state: stored_status(state.status),
     "command": lambda state: state.command,
     "host": lambda state: untuple(state.host),
     "meta": lambda state: untuple(state.meta),

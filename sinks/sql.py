@@ -57,7 +57,7 @@ _COLUMNS = {
     "fail_trace": ("fail_trace",),
 }
 _FROM_STATE: dict[str, Callable[[RunState], Any]] = {
-    "status": lambda state: state.status,
+    "status": lambda state: sacred.stored_status(state.status),
     "command": lambda state: state.command,
     "config": lambda state: sacred.sacred_json(state.config),
     "priority": lambda state: sacred.finite(state.meta.get("priority", 0)),
@@ -228,7 +228,8 @@ class SqlSink(Sink, TakesCentralVerdicts):
             _insert_points(conn, run_id, batch.points)
         for entry in batch.artifacts:
             content = self._blob(batch.run, entry, f"artifact {entry['name']!r}")
-            conn.execute(artifact.insert().values(filename=entry["name"], content=content, run_id=run_id))
+            conn.execute(artifact.insert().values(filename=sacred.stored_name(entry["name"]), content=content,
+                                                  run_id=run_id))
         for entry in batch.resources:
             key = {"filename": entry["filename"], "md5sum": entry["md5"]}
             found = self._ids.get_or_create(
@@ -439,7 +440,8 @@ def _metric_rows(run_id: str, points, sqlite: bool) -> list[tuple]:
     timestamps = points.timestamps
     if sqlite:
         timestamps = [None if timestamp is None else _sqlite_time(timestamp) for timestamp in timestamps]
-    return list(zip([run_id] * len(values), points.names, points.steps, values, nonfinite, timestamps))
+    names = sacred.stored_names(points.names)
+    return list(zip([run_id] * len(values), names, points.steps, values, nonfinite, timestamps))
 
 
 def _sqlite_time(value: dt.datetime) -> str:

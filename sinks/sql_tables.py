@@ -6,10 +6,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from runrelay.sinks.sacred import NAME_WIDTH, STATUS_WIDTH
+
 RUN_ID_WIDTH = 24
-NAME_WIDTH = 255
 PATH_WIDTH = 1024
-STATUS_WIDTH = 64
 MYSQL_DIALECTS = ("mysql", "mariadb")
 
 # --- the tables ------------------------------------------------------------------------------
