@@ -247,9 +247,10 @@ class FileStorageSink(Sink):
         for entry in batch.resources:
             key = _shared_key("_resources", entry["filename"], entry["md5"])
             self._copy_once(batch.run, entry, key, "resource")
-        latest = {entry["name"]: entry["seq"] for entry in state.artifacts}  # a name added again replaces its file
+        # a name added again replaces its file
+        latest = {sacred.stored_name(entry["name"]): entry["seq"] for entry in state.artifacts}
         for entry in batch.artifacts:
-            if entry["seq"] == latest[entry["name"]]:
+            if entry["seq"] == latest[sacred.stored_name(entry["name"])]:
                 self._copy(batch.run, entry, f"{run_id}/{_artifact_name(self, batch.run, entry)}", "artifact")
         output = state.captured_out.encode("utf-8", "replace")
         if fresh or "captured_out" in changed or state.finished:
@@ -296,7 +297,8 @@ class FileStorageSink(Sink):
         pieces: dict[str, dict[str, list[tuple[int, int]]]] = {}
         for chunk in self.source.points(run, through_seq):
             rows: dict[str, dict[str, list]] = {}
-            for name, step, value, stamp in zip(chunk.names, chunk.steps, chunk.values, chunk.timestamps):
+            for name, step, value, stamp in zip(sacred.stored_names(chunk.names), chunk.steps, chunk.values,
+                                                chunk.timestamps):
                 fields = rows.setdefault(name, {"steps": [], "timestamps": [], "values": []})
                 fields["steps"].append(step)
                 fields["values"].append(value)
@@ -348,7 +350,7 @@ class FileStorageSink(Sink):
         document = {key: value for key, value in sacred.run_document(state).items() if key != "config"}
         document.update(
             experiment=self._experiment(state), host=sacred.flat(state.host), meta=sacred.flat(state.meta),
-            artifacts=[entry["name"] for entry in state.artifacts],
+            artifacts=[sacred.stored_name(entry["name"]) for entry in state.artifacts],
             resources=list({entry["filename"]: [entry["filename"], self.store.location(
                 _shared_key("_resources", entry["filename"], entry["md5"]))] for entry in state.resources}.values()),
             runrelay=book,
@@ -409,8 +411,9 @@ def _shared_key(folder: str, filename: str, md5: str) -> str:
 
 
 def _artifact_name(sink: Sink, run: str, entry: dict) -> str:
-    """The artifact's file name; PermanentSinkError if it cannot be one in a run directory."""
-    name = entry["name"]
+    """The artifact's file name (its stored name); PermanentSinkError if it cannot be one in a
+    run directory."""
+    name = sacred.stored_name(entry["name"])
     if (name in RESERVED or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
             or not name.isprintable() or len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES):
         raise PermanentSinkError(f"{sink!r} run {run}: artifact name {name!r} cannot be a file in the run directory",

@@ -82,17 +82,25 @@ def _tupled(key: Any) -> Any:
     return {"py/tuple": [_tupled(item) for item in key]} if isinstance(key, tuple) else key
 
 
-def stored_text(text: str, width: int) -> str:
+def stored_text(text: str, width: int, measure: Callable[[str], int] = len) -> str:
     """A status or a name as every sink stores it (docs/sinks.md, "Values every sink stores
-    alike"): NUL, which PostgreSQL refuses in text, as U+FFFD; and beyond ``width``
-    characters, its start, "…" and 8 hex digits of the whole text's md5, so two long names
-    stay two."""
+    alike"): NUL, which PostgreSQL refuses in text, as U+FFFD; and beyond ``width`` (as
+    ``measure`` counts), its start, "…" and 8 hex digits of the whole text's md5, so two long
+    names stay two."""
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
-    if len(text) <= width:
+    if measure(text) <= width:
         return text
-    digest = hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return f"{text[: width - len(digest) - 1]}…{digest}"
+    tail = "…" + hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    room = width - measure(tail)
+    head = text[:room]
+    while measure(head) > room:  # bytes: a character may take several
+        head = head[:-1]
+    return head + tail
+
+
+def utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def stored_status(status: str | None) -> str | None:
@@ -100,8 +108,9 @@ def stored_status(status: str | None) -> str | None:
 
 
 def stored_name(name: str) -> str:
-    """An artifact's or a metric's name, as stored."""
-    return stored_text(name, NAME_WIDTH)
+    """An artifact's or a metric's name, as stored: within 255 bytes of UTF-8, so within a
+    255-character column and a file name alike."""
+    return stored_text(name, NAME_WIDTH, utf8_length)
 
 
 def stored_names(names: list[str]) -> list[str]:

@@ -153,7 +153,8 @@ def test_metrics_json_waits_for_rewrite_seconds_then_the_runs_end(tmp_path, jour
 # --- names and ids -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["run.json", "metrics.json", "../outside", "a/b", ".", "x\0y", "x" * 300])
+# A NUL or an over-long name is stored by the rule every sink follows (tests/test_sink_values.py).
+@pytest.mark.parametrize("name", ["run.json", "metrics.json", "../outside", "a/b", "."])
 def test_an_artifact_name_that_is_not_a_file_of_the_run_is_a_dead_letter(tmp_path, journal, files, name):
     uid = write_run(journal, [*lifecycle(files)[:7], artifact(files / "model.bin", name), lifecycle(files)[9]])
     sink = open_sink(f"file://{tmp_path / 'runs'}", journal)

@@ -17,11 +17,14 @@ STATUS = "STOPPED_BY_THE_SCHEDULER_BECAUSE_THE_NODE_WAS_DRAINED_FOR_MAINTENANCE\
 LONG_NAMES = ["m" * 300 + "a", "m" * 300 + "b"]  # alike in their first 255 characters
 
 
-def test_values_some_backends_refuse_are_stored_alike_and_the_ending_lands(sink, store, journal, files):
+def test_values_some_backends_refuse_are_stored_alike_and_the_ending_lands(sink, store, journal, files, request):
     model = files / "model.bin"
+    # fake-gcs-server's filesystem backend keeps an object as one file named by its whole
+    # escaped key, so it refuses a 255-byte name under a prefix (GCS itself takes 1,024 bytes)
+    long_artifacts = [] if request.node.callspec.params["store"] == "gs" else LONG_NAMES
     steps = lifecycle(files, (Kind.INTERRUPTED, {"interrupt_time": at(9), "status": STATUS}))
     steps[0] = started(files, config={"key": b"\0\xffraw", "grid": {(1, 2): "cell"}})
-    steps[7:7] = [artifact(model, name) for name in [*LONG_NAMES, "model\0v2.bin"]]
+    steps[7:7] = [artifact(model, name) for name in [*long_artifacts, "model\0v2.bin"]]
     steps[2:2] = [point(name, 0, 1.0, 1) for name in [*LONG_NAMES, "loss\0raw"]]
     run = write_run(journal, steps)
 
@@ -35,8 +38,10 @@ def test_values_some_backends_refuse_are_stored_alike_and_the_ending_lands(sink,
     assert stored["config"]["grid"] == {'json://{"py/tuple": [1, 2]}': "cell"}
 
     names = [sacred.stored_name(name) for name in LONG_NAMES]
-    assert len(set(names)) == 2 and all(len(name) == 255 and "…" in name for name in names)
-    assert sorted(name for name, _ in stored["artifacts"]) == sorted([*names, "model.bin", "model\ufffdv2.bin"])
+    assert len(set(names)) == 2 and all(len(name.encode()) == 255 and "…" in name for name in names)
+    stored_artifacts = [sacred.stored_name(name) for name in long_artifacts]
+    assert sorted(name for name, _ in stored["artifacts"]) == sorted([*stored_artifacts, "model.bin",
+                                                                      "model\ufffdv2.bin"])
     assert {name for name, *_ in stored["metrics"]} >= {*names, "loss\ufffdraw"}
 
 
