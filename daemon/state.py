@@ -13,6 +13,7 @@ read-only) raises ``StateUnavailable``; the daemon waits for it (``daemon.delive
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir
 from runrelay.eventlog.reader import Position
@@ -206,8 +207,7 @@ class StateStore:
         position = cursor.position
 
         def save(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(db):
                 moved = db.execute(
                     "INSERT INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (sink, run) DO UPDATE SET seq = excluded.seq, segment = excluded.segment, "
@@ -222,11 +222,6 @@ class StateStore:
                     db.execute("DELETE FROM outputs WHERE sink = ? AND run = ? AND start >= ?", (sink, run, kept))
                     if snapshot is not None and output is not None and len(output) > kept:
                         db.execute("INSERT INTO outputs VALUES (?, ?, ?, ?)", (sink, run, kept, output[kept:]))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite rolls back itself on a full disk
-                    db.execute("ROLLBACK")
-                raise
 
         self._run(save)
 
@@ -234,17 +229,11 @@ class StateStore:
         """Move a cursor back (the sink lost data it had): the one exception to never moving back."""
         position = cursor.position
         def rewind(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(db):
                 db.execute("UPDATE cursors SET seq = ?, segment = ?, byte = ?, done = 0, snapshot = NULL, updated = ? "
                            "WHERE sink = ? AND run = ?",
                            (position.seq, position.segment, position.offset, time.time(), sink, run))
                 db.execute("DELETE FROM outputs WHERE sink = ? AND run = ?", (sink, run))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite rolls back itself on a full disk
-                    db.execute("ROLLBACK")
-                raise
 
         self._run(rewind)
 
@@ -297,6 +286,19 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taking the write lock at once; rolled back if anything fails."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # SQLite rolls back itself on a full disk
+            db.execute("ROLLBACK")
+        raise
 
 
 def _connect(path: Path) -> sqlite3.Connection:
