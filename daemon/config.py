@@ -89,7 +89,7 @@ class DeadRuns:
     poll_seconds: float = DEFAULT_DEAD_RUNS_POLL_SECONDS
     stalled_seconds: float = DEFAULT_DEAD_RUNS_STALLED_SECONDS
     status: str = DEFAULT_DEAD_RUNS_STATUS
-    host: str = ""  # the name this host's runs record (process.host) and its daemon reports under
+    host: str = field(default_factory=socket.gethostname)  # what this host's runs record (process.host); its daemon reports under it
     report_seconds: float = DEFAULT_DEAD_RUNS_REPORT_SECONDS
 
 

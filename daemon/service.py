@@ -306,12 +306,15 @@ class SyncReport:
 
 
 def run_sync(config: Config, progress: bool = True) -> SyncReport:
-    """Deliver everything appended before this call once, then return what is left undelivered."""
-    until_us = micros_now()
+    """Judge this host's runs once (as the daemon does, unless ``dead_runs.judge`` is off),
+    deliver everything appended before the delivery starts, then return what is left
+    undelivered."""
     journal = open_journal(config)
     lock, store = _open_state_once(config)
     try:
-        return _run_one_shot(config, journal, store, progress, until_us=until_us)
+        if config.dead_runs.judge:
+            _death_watch(config, journal, store).judge()
+        return _run_one_shot(config, journal, store, progress, until_us=micros_now())
     finally:
         store.close()
         lock.release()

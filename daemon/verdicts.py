@@ -100,9 +100,7 @@ class DeathWatch:
         closed (``writer_closed``, from the journal's inotify watch)."""
         woken: set[str] | None = None  # None: look at every run
         while not stop.is_set():
-            for verdict in self.survey(woken):
-                if verdict.condition == "dead":
-                    self.record(verdict)
+            self.judge(woken)
             self.liveness.beat()
             with self.liveness.idle():
                 rung = self._bell.wait(self.poll_seconds)
@@ -118,6 +116,12 @@ class DeathWatch:
 
     def wake(self) -> None:
         self._bell.set()
+
+    def judge(self, runs: set[str] | None = None) -> None:
+        """One pass: survey every run (or ``runs``) and journal the dead ones' verdicts."""
+        for verdict in self.survey(runs):
+            if verdict.condition == "dead":
+                self.record(verdict)
 
     def survey(self, runs: set[str] | None = None) -> list[Verdict]:
         """The verdicts on this host's unfinished runs (or on ``runs``) that are stalled or

@@ -186,8 +186,7 @@ def test_the_demo_runs_and_runs_again_in_its_own_directory_only(tmp_path):
         result = runrelay("demo", "--dir", str(directory))
         assert result.returncode == 0, result.stderr
         rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
-        assert [(row[2], row[3]) for row in rows] == [("COMPLETED", "50"), ("FAILED", "50"), ("RUNNING", "50")]
-        assert "dead-run watchdog" in result.stdout
+        assert [(row[2], row[3]) for row in rows] == [("COMPLETED", "50"), ("FAILED", "50"), ("DIED", "50")]
         assert str(directory / "runs.sqlite") in result.stdout
 
     other = tmp_path / "mine"

@@ -225,6 +225,23 @@ def test_the_daemon_delivers_a_killed_runs_verdict_to_its_sink(tmp_path, journal
     assert reason in fail_trace
 
 
+@pytest.mark.parametrize("judge", ["true", "false"])
+def test_sync_judges_a_killed_run_once_before_delivering_unless_told_not_to(tmp_path, journal, judge):
+    from test_daemon_process import runrelay
+
+    database = tmp_path / "runs.sqlite"
+    child, run = start_producer(journal)
+    wait_for_a_heartbeat(journal, run)
+    child.kill()
+    child.wait()
+    synced = runrelay("sync", "--no-progress", "--journal", str(journal.root), "--state", str(tmp_path / "state"),
+                      "--sink", f"sqlite:///{database}", home=tmp_path, RUNRELAY_DEAD_RUNS_JUDGE=judge)
+    assert synced.returncode == 0, synced.stderr
+    with sqlite3.connect(database) as db:
+        [(status,)] = db.execute("SELECT status FROM run").fetchall()
+    assert (status, len(died_events(journal, run))) == (("DIED", 1) if judge == "true" else ("RUNNING", 0))
+
+
 def test_status_names_stalled_and_dead_runs_of_this_host(tmp_path, journal):
     from test_daemon_process import runrelay
 

@@ -18,8 +18,9 @@ def add_commands(commands, common) -> None:
     daemon.set_defaults(func=_daemon)
 
     sync = add_command(commands, "sync", [common], help="deliver everything pending once, then exit", description=(
-        "Deliver everything pending to every sink with a progress bar on stderr, then exit. "
-        "Exit 1 if anything is left undelivered."),
+        "Judge this host's runs once (a run whose process died without an ending gets a `died` "
+        "verdict, as the daemon does), deliver everything pending to every sink with a progress "
+        "bar on stderr, then exit. Exit 1 if anything is left undelivered."),
         example="runrelay sync --sink postgresql+psycopg://runrelay@db/runs || runrelay status")
     sync.add_argument("--no-progress", action="store_true", help="no progress bar")
     sync.set_defaults(func=_sync)

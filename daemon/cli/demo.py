@@ -1,7 +1,7 @@
 """``runrelay demo``: three journaled Sacred runs replayed into SQLite, no server needed.
 
-One run completes, one fails, one is killed with SIGKILL after logging its metrics.
-They are delivered by ``run_sync`` (the code path of ``runrelay sync``) into
+One run completes, one fails, one is killed with SIGKILL after logging its metrics (and
+is judged dead). They are delivered by ``run_sync`` (the code path of ``runrelay sync``) into
 ``sqlite:///<dir>/runs.sqlite``, and the runs are printed from that database. The demo
 marks its directory, so that running it again replaces what an earlier demo made, and
 nothing else.
@@ -138,9 +138,9 @@ def _print_runs(database: Path, journal: Path, delivered: int) -> None:
     (Sacred's SqlObserver tables: run, experiment, host, source, ...; metric points in `metric`)
   The journal is   {journal}
 
-  The killed run still says RUNNING: its process is gone, but the dead-run watchdog that
-  marks such runs DIED is not in this version yet. Every metric it logged before the kill
-  was delivered all the same.
+  The killed run says DIED: its writer's lock was free with no ending in the journal, so
+  the replay journaled a `died` verdict first (the daemon does so within milliseconds of a
+  kill). Every metric it logged before the kill was delivered all the same.
 
   Try: sqlite3 {database} "SELECT run_id, status, start_time, stop_time FROM run"
        runrelay journal ls --journal {journal}""")
