@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,12 @@ from watchdog.observers import Observer
 from runrelay.eventlog.writer import LOCK_FILE
 
 log = logging.getLogger("runrelay.discovery")
+
+# watchdog's inotify code calls warnings.warn ("Callback with id ... already exists for
+# watch ...") when a directory's watch is added twice, which a run directory created while
+# the recursive watch walks the root can cause: harmless (the kernel keeps one watch per
+# directory), and raw lines on the daemon's stderr without it.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.observers\.inotify")
 
 
 class Doorbell:
