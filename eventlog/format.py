@@ -31,7 +31,7 @@ RECORD_HEADER_SIZE = RECORD_HEADER.size + 4
 MAX_PAYLOAD = 64 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 _CRC = struct.Struct(">I")
-# The resume hint in writer.lock: newest segment, a durable record boundary in it, the seq there.
+# The resume hint in writer.lock: newest segment, where its last durable record starts, that record's seq.
 RESUME_HINT = struct.Struct(">QQQ")
 RESUME_HINT_SIZE = RESUME_HINT.size + 4
 

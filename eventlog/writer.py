@@ -34,6 +34,7 @@ from runrelay.eventlog.errors import JournalCorrupt, JournalWriteError, WriterBu
 from runrelay.eventlog.events import Kind, check_run_uid, micros_now, new_run_uid
 from runrelay.eventlog.format import (
     MAX_PAYLOAD,
+    RECORD_HEADER_SIZE,
     RESUME_HINT_SIZE,
     SEGMENT_HEADER_SIZE,
     SegmentScan,
@@ -93,6 +94,7 @@ class JournalWriter:
         self._mutex = threading.Lock()
         self._fd = -1
         self._size = 0
+        self._last_start: int | None = None  # where the segment's last record starts (None: it holds none)
         self._segment = 0  # first seq of the segment being appended to
         self._columns = True  # whether that segment's version has the metric column payload
         self._next_seq = 0
@@ -152,7 +154,7 @@ class JournalWriter:
         run_dir = journal.run_dir(check_run_uid(run))
         lock_fd = _lock(run_dir)
         try:
-            segment, offset, next_seq = _end_from_hint(journal, run, lock_fd) or _end_from_scan(journal, run)
+            segment, offset, next_seq, last_start = _end_from_hint(journal, run, lock_fd) or _end_from_scan(journal, run)
         except (JournalCorrupt, OSError):
             os.close(lock_fd)
             raise
@@ -172,6 +174,7 @@ class JournalWriter:
                 os.ftruncate(writer._fd, offset)
                 os.fsync(writer._fd)
                 writer._segment, writer._size, writer._next_seq = segment, offset, next_seq
+                writer._last_start = last_start
                 writer._store_hint()
         except BaseException:
             writer._unusable = True
@@ -323,6 +326,7 @@ class JournalWriter:
             self._undo_partial_write(start)
             raise self._failed(f"could not append to the journal: {error}") from error
         self._size = start + len(record)
+        self._last_start = start
         if self._failed_writes:
             log.warning("run %s: journaling again; %d writes had failed", self.run, self._failed_writes)
             self._failed_writes = 0
@@ -356,10 +360,15 @@ class JournalWriter:
         self._store_hint()
 
     def _store_hint(self) -> None:
-        """Record in writer.lock where the durable records end, for ``resume``. Advisory: a
-        hint that cannot be written is simply not there (resume then checks every record)."""
+        """Record in writer.lock the last durable record (where it starts and its seq), for
+        ``resume``, which checks that record before it trusts the hint. Advisory: a hint that
+        cannot be written is simply not there (resume then checks every record)."""
+        if self._last_start is None:  # a segment with no record yet: its header vouches for its first seq
+            hint = encode_resume_hint(self._segment, SEGMENT_HEADER_SIZE, self._segment)
+        else:
+            hint = encode_resume_hint(self._segment, self._last_start, self._next_seq - 1)
         try:
-            os.pwrite(self._lock_fd, encode_resume_hint(self._segment, self._size, self._next_seq), 0)
+            os.pwrite(self._lock_fd, hint, 0)
         except OSError:
             pass
 
@@ -389,6 +398,7 @@ class JournalWriter:
             raise self._failed(f"could not create segment {path}: {error}") from error
         self._fd = fd
         self._size = len(header)
+        self._last_start = None
         self._segment = self._next_seq = first_seq
         self._columns = True
         self._store_hint()
@@ -403,9 +413,10 @@ class JournalWriter:
                         pass  # recorded in self._failure; the next append reports it
 
 
-def _end_from_hint(journal: Journal, run: str, lock_fd: int) -> tuple[int, int, int] | None:
-    """(segment, offset, next seq) where a resumed writer appends, checked from the resume
-    hint on (docs/journal-format.md); None when there is no usable hint."""
+def _end_from_hint(journal: Journal, run: str, lock_fd: int) -> tuple[int, int, int, int | None] | None:
+    """(segment, offset, next seq, where the last record starts) where a resumed writer
+    appends, checked from the resume hint on (docs/journal-format.md); None when there is no
+    usable hint."""
     hint = decode_resume_hint(os.pread(lock_fd, RESUME_HINT_SIZE, 0))
     if hint is None:
         return None
@@ -417,7 +428,11 @@ def _end_from_hint(journal: Journal, run: str, lock_fd: int) -> tuple[int, int, 
 
 
 def _check_hint(journal: Journal, run: str, run_fd: int, segment: int, offset: int,
-                seq: int) -> tuple[int, int, int] | None:
+                seq: int) -> tuple[int, int, int, int | None] | None:
+    """The hint is trusted only when the segment vouches for it: a good record of seq ``seq``
+    starts at ``offset``, or ``offset`` is the end of the header of a segment whose first
+    seq is ``seq``. Otherwise (damaged, hostile, or an older writer's hint naming the end of
+    its records) None: every record is checked instead."""
     segments = journal._segments(run, run_fd)
     if not segments or segment != segments[-1]:
         return None
@@ -429,25 +444,29 @@ def _check_hint(journal: Journal, run: str, run_fd: int, segment: int, offset: i
         if problem:
             raise JournalCorrupt(run, name, 0, problem)
         scan = SegmentScan()
-        next_seq = seq
-        for record_seq, _payload, _end in scan_segment(data, run, segment, offset, True, scan):
+        next_seq, last_start = seq, None
+        for record_seq, payload, end in scan_segment(data, run, segment, offset, True, scan):
+            start = end - len(payload) - RECORD_HEADER_SIZE
             if record_seq != next_seq:
-                if next_seq == seq:  # the hint does not name this record: check everything
+                if last_start is None:  # the hint does not name this record
                     return None
-                raise JournalCorrupt(run, name, _end - len(_payload), f"expected seq {next_seq}, found {record_seq}")
-            next_seq = record_seq + 1
+                raise JournalCorrupt(run, name, start, f"expected seq {next_seq}, found {record_seq}")
+            next_seq, last_start = record_seq + 1, start
+    if last_start is None and not (offset == SEGMENT_HEADER_SIZE and seq == segment):
+        return None  # nothing at the hint vouches for its seq
     if scan.damage and not scan.damage.torn:
         raise JournalCorrupt(run, name, scan.damage.offset, scan.damage.reason)
-    return segment, scan.end, next_seq
+    return segment, scan.end, next_seq, last_start
 
 
-def _end_from_scan(journal: Journal, run: str) -> tuple[int, int, int]:
-    """(segment, offset, next seq) after every record's checksums are checked; raises
-    JournalCorrupt for damage that is not a torn tail."""
-    segment, offset, next_seq = 0, 0, 0
-    for _seq, _payload, _name, _offset, position in journal._records(run, 0, _Outcome()):
+def _end_from_scan(journal: Journal, run: str) -> tuple[int, int, int, int | None]:
+    """(segment, offset, next seq, where the last record starts) after every record's
+    checksums are checked; raises JournalCorrupt for damage that is not a torn tail."""
+    segment, offset, next_seq, last_start = 0, 0, 0, None
+    for _seq, payload, _name, payload_offset, position in journal._records(run, 0, _Outcome()):
         segment, offset, next_seq = position.segment, position.offset, position.seq
-    return segment, offset, next_seq
+        last_start = payload_offset - RECORD_HEADER_SIZE
+    return segment, offset, next_seq, last_start
 
 
 def _lock(run_dir: Path) -> int:

@@ -313,6 +313,26 @@ def test_resume_checks_from_the_hint_and_without_it_checks_everything(journal_di
         JournalWriter.resume(journal_dir, writer.run)
 
 
+@pytest.mark.parametrize("hint", ["a later seq at the end", "an earlier seq at the end", "the middle of a record",
+                                  "the header with a seq not the segment's", "an older writer's: the end"])
+def test_resume_trusts_a_hint_only_where_the_segment_vouches_for_it(journal_dir, hint):
+    from runrelay.eventlog.format import SEGMENT_HEADER_SIZE, encode_resume_hint
+    from runrelay.eventlog.writer import LOCK_FILE
+
+    with JournalWriter.create(journal_dir) as writer:
+        for step in range(10):
+            writer.append_metric("x", step, 1.0)
+    end = (journal_dir / writer.run / "00000000000000000000.seg").stat().st_size
+    segment, offset, seq = {"a later seq at the end": (0, end, 500), "an earlier seq at the end": (0, end, 3),
+                            "the middle of a record": (0, end - 7, 9),
+                            "the header with a seq not the segment's": (0, SEGMENT_HEADER_SIZE, 4),
+                            "an older writer's: the end": (0, end, 10)}[hint]
+    (journal_dir / writer.run / LOCK_FILE).write_bytes(encode_resume_hint(segment, offset, seq))
+    with JournalWriter.resume(journal_dir, writer.run) as resumed:
+        assert resumed.append(Kind.DIED, {"reason": "test"}) == 10  # not a gap, not a second seq 3
+    assert Journal(journal_dir).verify(writer.run).ok
+
+
 def test_resuming_a_version_1_run_writes_version_1_shapes_in_its_segment(tmp_path):
     import shutil
     from pathlib import Path

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from runrelay.eventlog import Journal, JournalWriteError, JournalWriter, Kind, codec
-from runrelay.eventlog.format import MAX_PAYLOAD, encode_resume_hint
+from runrelay.eventlog.format import (MAX_PAYLOAD, SEGMENT_HEADER_SIZE, encode_resume_hint, encode_segment_header,
+                                      segment_name)
 from runrelay.eventlog.fold import fold
 from runrelay.eventlog.reader import MAX_DEPTH, MAX_SEQ
 from runrelay.eventlog.recorder import OUTPUT_PIECE_CHARS, Recorder
@@ -95,17 +96,18 @@ def test_a_seq_beyond_the_last_a_reader_takes_is_refused(journal_dir):
     with JournalWriter.create(journal_dir) as writer:
         writer.append(Kind.HEARTBEAT, {"beat_time": None, "info": {}, "result": None})
         run = writer.run
-    segment = journal_dir / run / "00000000000000000000.seg"
-    with open(journal_dir / run / LOCK_FILE, "r+b") as lock:  # a hint naming a seq past the last
-        lock.write(encode_resume_hint(0, segment.stat().st_size, MAX_SEQ + 1))
-    size = segment.stat().st_size
+    segment = journal_dir / run / segment_name(MAX_SEQ)  # a newest segment starting at the last seq
+    segment.write_bytes(encode_segment_header(run, MAX_SEQ))
+    with open(journal_dir / run / LOCK_FILE, "r+b") as lock:  # and the hint naming it
+        lock.write(encode_resume_hint(MAX_SEQ, SEGMENT_HEADER_SIZE, MAX_SEQ))
     with JournalWriter.resume(journal_dir, run) as writer:
+        assert writer.append(Kind.HEARTBEAT, {"beat_time": None, "info": {}, "result": None}) == MAX_SEQ
+        size = segment.stat().st_size
         with pytest.raises(JournalWriteError, match="beyond the last"):
             writer.append(Kind.COMPLETED, {"stop_time": None, "result": None})
         with pytest.raises(JournalWriteError, match="beyond the last"):
             writer.append_metric("loss", 0, 1.0)
     assert segment.stat().st_size == size
-    assert Journal(journal_dir).verify(run).ok
 
 
 # --- a FIFO where the writer's lock belongs ---------------------------------------------------
