@@ -1,7 +1,8 @@
 """The FileStorage sinks (file://, s3://, gs://): Sacred's layout byte for byte, metrics.json
 streamed from the journal at a bounded cadence, artifact names that cannot leave the run
 directory, run ids that survive a crash between recording and claiming them, many writers
-allocating ids in one base at once, and the exact reads incense and Sacredboard make."""
+allocating ids in one base at once (sink processes; three `runrelay sync` processes into one
+bucket and one directory), and the exact reads incense and Sacredboard make."""
 
 from __future__ import annotations
 
