@@ -408,7 +408,7 @@ class StoreTarget(Target):
                 return {}
 
     def __init__(self, scheme: str, base: str, servers: list):
-        self.label, self.base, self.servers = f"{scheme}://", base, servers
+        self.label, self.base, self.servers = scheme, base, servers  # labels name work directories too
 
     @classmethod
     def start(cls, root: Path, scheme: str) -> list["StoreTarget"]:
