@@ -85,8 +85,8 @@ class MongoSink(Sink):
 
     def applied(self, run: str) -> int:
         with self._converted(run):
-            found = self._runs.find_one({"runrelay.uid": run}, {"runrelay.applied": 1})
-        return -1 if found is None else found["runrelay"]["applied"]
+            known = self._found(run)
+        return -1 if known is None else known.applied
 
     def apply(self, batch: Batch) -> None:
         with self._converted(batch.run):
@@ -103,7 +103,7 @@ class MongoSink(Sink):
             done = self._runs.update_one({"_id": known.run_id, "runrelay.applied": applied}, update)
             if done.matched_count != 1:
                 raise TransientSinkError(f"{self!r} run {batch.run}: another writer advanced the run meanwhile")
-            known.applied, known.listed = part.last_seq, True
+            known.applied, known.listed = part.last_seq, known.listed or "info" in update["$set"]
             self._keep(batch, known)
 
     def redeliver(self, batch: Batch) -> None:
@@ -121,16 +121,6 @@ class MongoSink(Sink):
             self._client = self._db = None
 
     # --- connecting and errors ---------------------------------------------------------------
-
-    def _found(self, uid: str) -> "Known | None":
-        found = self._runs.find_one({"runrelay.uid": uid}, {"runrelay.applied": 1})
-        return None if found is None else Known(found["_id"], found["runrelay"]["applied"])
-
-    def _keep(self, batch: Batch, known: "Known | None") -> None:
-        """Remember what was written for a live run: its next batch need not read it again.
-        A failed batch is never kept (``apply`` took it out), so a retry reads the database."""
-        if known is not None and not batch.state.ended:
-            self._known[batch.run] = known
 
     @property
     def _runs(self):
@@ -153,6 +143,16 @@ class MongoSink(Sink):
             raise mongo_client.classified(error, message) from None
 
     # --- the run document --------------------------------------------------------------------
+
+    def _found(self, uid: str) -> "Known | None":
+        found = self._runs.find_one({"runrelay.uid": uid}, {"runrelay.applied": 1})
+        return None if found is None else Known(found["_id"], found["runrelay"]["applied"])
+
+    def _keep(self, batch: Batch, known: "Known | None") -> None:
+        """Remember what was written for a live run: its next batch need not read it again.
+        A failed batch is never kept (``apply`` took it out), so a retry reads the database."""
+        if known is not None and not batch.state.ended:
+            self._known[batch.run] = known
 
     def _create_run(self, batch: Batch) -> int:
         """Insert the run's document, its fields as of this batch and ``applied`` -1, under
