@@ -1,9 +1,9 @@
 """Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
-    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb,mongodb]
-                           [--only replay,lag,restart,memory] [--fixed-runs N] [--fixed-points N]
+    python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb,mongodb,file,s3,gs]
+                           [--only replay,lag,restart,memory,bytes] [--fixed-runs N] [--fixed-points N]
                            [--lag-seconds S] [--lag-rates R,R]
-                           [--memory-points N] [--profile] [--dir DIR]
+                           [--memory-points N] [--store-points N] [--store-rate R] [--profile] [--dir DIR]
 
 The defaults are CI-sized (about three minutes on 2 CPUs). docs/benchmarks.md has the
 command for the full-size figures (1,000,000 events).
@@ -27,9 +27,12 @@ command for the full-size figures (1,000,000 events).
     lost state directory;
 (d) memory: the peak RSS of `runrelay daemon` delivering one live run while a producer
     appends its metric points as fast as it can, for M/10 and for M points; the ratio says
-    whether it grows with the run.
+    whether it grows with the run;
+(e) bytes, FileStorage stores only: bench/filestorage.py's long run replayed into each store
+    with the default rewrite cadence beside Sacred's FileStorageObserver (the ratio).
 
-PostgreSQL, MariaDB and MongoDB (SecantusDB) are throwaway servers from tests/servers.py,
+PostgreSQL, MariaDB, MongoDB (SecantusDB), S3 (moto) and GCS (fake-gcs-server) are throwaway
+servers from tests/servers.py,
 skipped (with the reason) if they cannot start here. Run with the venv's python (`runrelay`
 must be installed beside it). Figures are printed with the goals beside them, never
 asserted. --profile adds a cProfile of a separate SQLite replay's worker thread (the
@@ -43,6 +46,7 @@ import contextlib
 import cProfile
 import datetime as dt
 import io
+import json
 import os
 import pstats
 import shutil
@@ -81,8 +85,9 @@ LAGGING_POINTS = 1000  # how far the sink is ahead of a lagging cursor (one smal
 WAIT_SECONDS = 600.0
 POLL_SECONDS = 0.001
 RSS_POLL_SECONDS = 0.05
-SINKS = ("sqlite", "postgresql", "mariadb", "mongodb")
-SECTIONS = ("replay", "lag", "restart", "memory")
+STORES = ("file", "s3", "gs")
+SINKS = ("sqlite", "postgresql", "mariadb", "mongodb", *STORES)
+SECTIONS = ("replay", "lag", "restart", "memory", "bytes")
 
 COLUMNS = "run_id, name, step, value, nonfinite, timestamp"
 INDEX = "CREATE INDEX bench_metric_run_name ON bench_metric (run_id, name)"
@@ -282,12 +287,15 @@ class MongoTarget(Target):
     """MongoDB (SecantusDB from tests/servers.py, or $RUNRELAY_TEST_MONGO_URL). The baselines
     write the sink's metric points again into a collection of the same database, indexed as
     the sink's, with insert_many: one document per point, BULK_ROWS_PER_TRANSACTION per
-    call; and the sink's layout written by hand: each run's points cut in batches of that
-    many, a batch's points of one name one document (steps, values, timestamps), one call
-    per batch (what the sink sends, without its reads and conditional updates)."""
+    call; each run's points cut in batches of that many, a batch's points of one name one
+    new document (steps, values, timestamps), one insert_many per batch; and the sink's
+    layout by hand: the same batches `$push`ed (`$each`) into one document per (run, name),
+    one ordered bulk_write per batch (what the sink sends for a batch's points, without its
+    conditions and the run document's update; each push rewrites a growing document)."""
 
     label = "MongoDB"
-    bulk_methods = ("insert_many, a document per point", "insert_many, a document per name and batch")
+    bulk_methods = ("insert_many, a document per point", "insert_many, a document per name and batch",
+                    "$push by hand, a document per name")
 
     class Applied(Applied):
         def __call__(self) -> dict[str, int]:
@@ -357,14 +365,100 @@ class MongoTarget(Target):
                     per_batch.append(list(by_name.values()))
             rows = sum(len(batch) for batch in per_point)
             results = {}
-            for number, (method, batches) in enumerate(zip(self.bulk_methods, (per_point, per_batch))):
+            for number, (method, batches) in enumerate(zip(self.bulk_methods, (per_point, per_batch, per_batch))):
                 collection = db[f"bench_metric_{number}"]  # fresh, never dropped: a drop is slow in SecantusDB
                 collection.create_index([("run_id", 1), ("name", 1)])
                 begin = time.perf_counter()
                 for batch in batches:
-                    collection.insert_many(batch, ordered=True)
+                    if method.startswith("$push"):
+                        collection.bulk_write([self._push(series) for series in batch], ordered=True)
+                    else:
+                        collection.insert_many(batch, ordered=True)
                 results[method] = (rows, time.perf_counter() - begin)
         return results
+
+    @staticmethod
+    def _push(series: dict):
+        from pymongo import UpdateOne
+
+        return UpdateOne({"run_id": series["run_id"], "name": series["name"]},
+                         {"$push": {key: {"$each": series[key]} for key in ("steps", "values", "timestamps")}},
+                         upsert=True)
+
+
+class StoreTarget(Target):
+    """A FileStorage store (file://, s3:// on moto, gs:// on fake-gcs-server from
+    tests/servers.py): each database is a base under it. The baseline puts the very objects
+    the sink wrote under that base (read back) again under another, through the same store
+    (``sinks/filestorage*.py``'s ``put``), one call per object: what the sink writes, without
+    its reads, its claims and its rewrites of run.json and metrics.json."""
+
+    bulk_methods = ("put of the same objects",)
+
+    class Applied(Applied):
+        def __call__(self) -> dict[str, int]:
+            try:
+                if self._db is None:
+                    self._db = self.target.sink(self.database)
+                store = self._db.store
+                books = [json.loads(store.get(f"{run_id}/run.json") or "{}").get("runrelay") for run_id in store.run_ids()]
+                return {book["uid"]: book["applied"] for book in books if book}
+            except Exception:  # noqa: BLE001 - no base or run.json yet, whatever the store says
+                self.close()
+                return {}
+
+    def __init__(self, scheme: str, base: str, servers: list):
+        self.label, self.base, self.servers = scheme, base, servers  # labels name work directories too
+
+    @classmethod
+    def start(cls, root: Path, scheme: str) -> list["StoreTarget"]:
+        """The target, its server started; none (said why) if it cannot run here."""
+        import filestorage  # bench/filestorage.py
+
+        if scheme == "file":
+            return [cls(scheme, f"file://{root / 'stores'}", [])]
+        servers: list = []
+        base, reason = filestorage.bucket_url(scheme, servers)  # sets the client's environment
+        if base is None:
+            print(f"  {scheme}://: skipped: {reason}")
+            for server in servers:
+                server.cleanup()
+            return []
+        print(f"  {servers[0].name} server started on {servers[0].endpoint}")
+        return [cls(scheme, base, servers)]
+
+    def url(self, database: str) -> str:
+        return f"{self.base}/{database}"
+
+    def sink(self, database: str):
+        from runrelay.sinks.registry import sink_for
+
+        sink = sink_for("bench", self.url(database), {}, None)
+        sink.open()
+        return sink
+
+    def applied(self, database: str) -> "StoreTarget.Applied":
+        return self.Applied(self, database)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.cleanup()
+
+    def bulk(self, database: str) -> dict[str, tuple[int, float]]:
+        source, copy = self.sink(database), self.sink(f"{database}-bulk")
+        try:
+            keys = [f"{run_id}/{name}" for run_id in source.store.run_ids()
+                    for name in ("run.json", "config.json", "info.json", "cout.txt", "metrics.json")]
+            objects = [(key, data) for key in keys if (data := source.store.get(key)) is not None]
+            points = sum(len(series["steps"]) for key, data in objects if key.endswith("metrics.json")
+                         for series in json.loads(data).values())
+            begin = time.perf_counter()
+            for key, data in objects:
+                copy.store.put(key, data)
+            return {self.bulk_methods[0]: (points, time.perf_counter() - begin)}
+        finally:
+            source.close()
+            copy.close()
 
 
 def start_targets(root: Path, wanted: list[str]) -> list[Target]:
@@ -376,6 +470,9 @@ def start_targets(root: Path, wanted: list[str]) -> list[Target]:
             continue
         if name == "mongodb":
             targets += MongoTarget.start()
+            continue
+        if name in STORES:
+            targets += StoreTarget.start(root, name)
             continue
         try:
             from servers import MariaDBServer, PostgresServer, ServerUnavailable  # tests/servers.py
@@ -851,6 +948,28 @@ def bench_memory(root: Path, target: Target, points: int) -> None:
           f"goal peak RSS x <= {GOAL_MEMORY_RATIO}: {ok(ratio <= GOAL_MEMORY_RATIO)}")
 
 
+# --- (e) bytes a FileStorage store is handed for one long run --------------------------------------
+
+
+def bench_bytes(root: Path, targets: list["StoreTarget"], points: int, rate: int) -> None:
+    """bench/filestorage.py's run (four names, a beat every 10 s, then completed) replayed
+    into each store a second of the run at a time with the default cadence, beside Sacred's
+    FileStorageObserver handed the same run."""
+    import filestorage  # bench/filestorage.py
+
+    beat = 10.0
+    theirs = filestorage.sacred_observer(root / "bytes-sacred", points, rate, beat)
+    print(f"  Sacred FileStorageObserver  {theirs['bytes'] / 1e6:9,.1f} MB written (wchar) in "
+          f"{theirs['seconds']:.1f} s; final metrics.json {theirs['metrics.json'] / 1e6:,.1f} MB")
+    journal = filestorage.Journal(root / "bytes-journal")
+    run, ends = filestorage.write_journal(journal.root, points, rate, beat)
+    for target in targets:
+        ours = filestorage.replay(target.url("bytes"), journal, run, ends)
+        print(f"  {target.label:<11} {ours['bytes'] / 1e6:9,.1f} MB put in {ours['puts']:,} objects "
+              f"({ours['metrics.json']} metrics.json), {ours['events'] / ours['seconds']:,.0f} events/s; "
+              f"Sacred wrote {theirs['bytes'] / ours['bytes']:.1f}x the bytes")
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -877,6 +996,9 @@ def main() -> None:
                         default=[10_000, 50_000], help="comma-separated events/s the producer appends (b)")
     parser.add_argument("--memory-points", type=int, default=100_000,
                         help="points of the bigger live run in (d); the smaller has a tenth")
+    parser.add_argument("--store-points", type=int, default=100_000,
+                        help="points of the run of (e), logged at --store-rate per second of its time")
+    parser.add_argument("--store-rate", type=int, default=1_000, help="points per second of the run of (e)")
     parser.add_argument("--profile", action="store_true", help="cProfile a separate SQLite replay in (a)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temp dir, removed after)")
     args = parser.parse_args()
@@ -934,6 +1056,12 @@ def main() -> None:
                   f"as fast as the writer goes")
             for target in targets:
                 bench_memory(root, target, args.memory_points)
+        stores = [target for target in targets if isinstance(target, StoreTarget)]
+        if "bytes" in args.only and stores:
+            print(f"\n(e) bytes handed to each store for one run of {args.store_points:,} points "
+                  f"({args.store_rate:,}/s of its time) with the default rewrite cadence, beside Sacred's "
+                  f"FileStorageObserver")
+            bench_bytes(root, stores, args.store_points, args.store_rate)
     finally:
         for target in targets:
             target.close()

@@ -10,6 +10,7 @@ batch's start. docs/sinks.md describes the scheme; docs/compatibility.md the dev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import mimetypes
@@ -63,6 +64,7 @@ class MongoSink(Sink):
         self.points_per_document = self.options.get("points_per_document", DEFAULT_POINTS_PER_DOCUMENT)
         self._client = None
         self._db = None
+        self._known: dict[str, Known] = {}  # uid -> what this sink wrote for a live run
 
     @classmethod
     def identity(cls, url: str) -> str:
@@ -83,31 +85,35 @@ class MongoSink(Sink):
 
     def applied(self, run: str) -> int:
         with self._converted(run):
-            found = self._runs.find_one({"runrelay.uid": run}, {"runrelay.applied": 1})
-        return -1 if found is None else found["runrelay"]["applied"]
+            known = self._found(run)
+        return -1 if known is None else known.applied
 
     def apply(self, batch: Batch) -> None:
         with self._converted(batch.run):
-            found = self._runs.find_one({"runrelay.uid": batch.run}, {"runrelay.applied": 1})
-            applied = -1 if found is None else found["runrelay"]["applied"]
+            known = self._known.pop(batch.run, None) or self._found(batch.run)  # back only on success
+            applied = -1 if known is None else known.applied
             part = batch.after(applied)
             if part is None:
+                self._keep(batch, known)
                 return
-            run_id = found["_id"] if found else self._create_run(part)
-            self._write(run_id, part, redelivery=False)
-            update = self._update(run_id, part, {"runrelay.applied": part.last_seq})
-            done = self._runs.update_one({"_id": run_id, "runrelay.applied": applied}, update)
+            if known is None:
+                known = Known(self._create_run(part), applied)
+            self._write(known, part, redelivery=False)
+            update = self._update(known, part, {"runrelay.applied": part.last_seq})
+            done = self._runs.update_one({"_id": known.run_id, "runrelay.applied": applied}, update)
             if done.matched_count != 1:
                 raise TransientSinkError(f"{self!r} run {batch.run}: another writer advanced the run meanwhile")
+            known.applied, known.listed = part.last_seq, known.listed or "info" in update["$set"]
+            self._keep(batch, known)
 
     def redeliver(self, batch: Batch) -> None:
         if batch.first_seq != batch.last_seq:
             raise ValueError("a re-delivery carries one dead letter")  # the daemon's contract
         with self._converted(batch.run):
-            found = self._runs.find_one({"runrelay.uid": batch.run}, {"_id": 1})
-            run_id = found["_id"] if found else self._create_run(batch)
-            self._write(run_id, batch, redelivery=True)
-            self._runs.update_one({"_id": run_id}, self._update(run_id, batch, {}))
+            self._known.pop(batch.run, None)  # its metric documents change outside their seq
+            known = self._found(batch.run) or Known(self._create_run(batch), -1)
+            self._write(known, batch, redelivery=True)
+            self._runs.update_one({"_id": known.run_id}, self._update(known, batch, {}))
 
     def close(self) -> None:
         if self._client is not None:
@@ -137,6 +143,16 @@ class MongoSink(Sink):
             raise mongo_client.classified(error, message) from None
 
     # --- the run document --------------------------------------------------------------------
+
+    def _found(self, uid: str) -> "Known | None":
+        found = self._runs.find_one({"runrelay.uid": uid}, {"runrelay.applied": 1})
+        return None if found is None else Known(found["_id"], found["runrelay"]["applied"])
+
+    def _keep(self, batch: Batch, known: "Known | None") -> None:
+        """Remember what was written for a live run: its next batch need not read it again.
+        A failed batch is never kept (``apply`` took it out), so a retry reads the database."""
+        if known is not None and not batch.state.ended:
+            self._known[batch.run] = known
 
     def _create_run(self, batch: Batch) -> int:
         """Insert the run's document, its fields as of this batch and ``applied`` -1, under
@@ -176,11 +192,11 @@ class MongoSink(Sink):
             fields["captured_out"] = self._output(state, fields)
         return fields
 
-    def _update(self, run_id: int, batch: Batch, ours: dict) -> dict:
+    def _update(self, known: "Known", batch: Batch, ours: dict) -> dict:
         """The update of the run document for ``batch``: ``$set`` of the sink's own fields
         only (Omniboard's ``omniboard.*`` survive), ``$unset`` of those that became empty."""
         state, changed = batch.state, batch.changed
-        fields = self._fields(run_id, state, full=False, changed=changed)
+        fields = self._fields(known.run_id, state, full=False, changed=changed)
         if "experiment" in changed:
             fields["experiment"] = {**storable(sacred.untuple(state.experiment)), "sources": self._sources(batch)}
         if "artifacts" in changed:
@@ -190,8 +206,8 @@ class MongoSink(Sink):
         if "resources" in changed:
             fields["resources"] = list({(entry["filename"], entry["md5"]): [entry["filename"], entry["md5"]]
                                         for entry in state.resources}.values())
-        if "info" in changed or len(batch.points):  # the metric documents may be new
-            fields["info"] = {**_info(state), **self._metrics_info(run_id)}
+        if "info" in changed or (len(batch.points) and not known.listed):
+            fields["info"] = {**_info(state), **self._metrics_info(known)}
         if "captured_out" in changed:
             fields["captured_out"] = self._output(state, fields)
         if "death" in changed:
@@ -225,8 +241,9 @@ class MongoSink(Sink):
 
     # --- GridFS ------------------------------------------------------------------------------
 
-    def _write(self, run_id: int, batch: Batch, redelivery: bool) -> None:
+    def _write(self, known: "Known", batch: Batch, redelivery: bool) -> None:
         """GridFS files and metric points of ``batch``; each write is idempotent."""
+        run_id = known.run_id
         for entry in batch.artifacts:
             self._put(batch.run, entry, _file_id(batch.run, "artifact", entry["seq"]),
                       f"artifact {entry['name']!r}",
@@ -234,7 +251,7 @@ class MongoSink(Sink):
                       metadata=storable(entry.get("metadata")), contentType=_content_type(entry))
         for entry in batch.resources:
             self._shared(batch.run, entry, entry["filename"], _file_id(batch.run, "resource", entry["seq"]), "resource")
-        MetricWriter(self, run_id, batch, redelivery).write()
+        MetricWriter(self, known, batch, redelivery).write()
 
     def _sources(self, batch: Batch) -> list[list]:
         """``experiment.sources`` as Sacred writes it: [[relative name, GridFS id]]; the file
@@ -280,12 +297,40 @@ class MongoSink(Sink):
 
     # --- metrics -----------------------------------------------------------------------------
 
-    def _metrics_info(self, run_id: int) -> dict:
+    def _metrics_info(self, known: "Known") -> dict:
         """``info.metrics`` as Sacred writes it: {"id": str(ObjectId), "name"} per metric
         document, in the order they were made; nothing when the run has no metrics."""
-        documents = self._metrics.find({"run_id": run_id}, {"name": 1}).sort("_id", 1)
+        documents = sorted((document for documents in self._parts(known).values() for document in documents),
+                           key=lambda document: document["_id"])
         listed = [{"id": str(document["_id"]), "name": document["name"]} for document in documents]
         return {"metrics": listed} if listed else {}
+
+    def _parts(self, known: "Known") -> dict[str, list[dict]]:
+        """The run's metric documents by metric name, each in part order, as ``Known.parts``
+        holds them (read once per run and process, then kept up to date by its writes)."""
+        if known.parts is None:
+            known.parts = {}
+            for document in self._metrics.find({"run_id": known.run_id}, {"name": 1, "runrelay": 1}).sort("_id", 1):
+                ours = document.get("runrelay") or {"metric": document["name"], "part": 1, "seq": -1, "points": 0}
+                known.parts.setdefault(ours["metric"], []).append(
+                    {"_id": document["_id"], "name": document["name"], **ours})
+            for documents in known.parts.values():
+                documents.sort(key=lambda document: document["part"])
+        return known.parts
+
+
+@dataclasses.dataclass
+class Known:
+    """What the sink holds of a run, as its last batch left it: the run document's ``_id``
+    and ``runrelay.applied``, its metric documents (``MongoSink._parts``), and whether the
+    run document's ``info.metrics`` lists them all. The conditional updates check it: a
+    run or metric document changed by another writer makes the batch transient, and the
+    retry reads the database again."""
+
+    run_id: int
+    applied: int
+    parts: dict[str, list[dict]] | None = None
+    listed: bool = False
 
 
 class MetricWriter:
@@ -298,8 +343,8 @@ class MetricWriter:
     to the document's ``runrelay.redelivered`` in the same update, unless it is there.
     """
 
-    def __init__(self, sink: MongoSink, run_id: int, batch: Batch, redelivery: bool):
-        self.sink, self.run_id, self.batch, self.redelivery = sink, run_id, batch, redelivery
+    def __init__(self, sink: MongoSink, known: Known, batch: Batch, redelivery: bool):
+        self.sink, self.known, self.run_id, self.batch, self.redelivery = sink, known, known.run_id, batch, redelivery
 
     def write(self) -> None:
         from pymongo import InsertOne, UpdateOne
@@ -307,12 +352,7 @@ class MetricWriter:
         points = self.batch.points
         if not len(points):
             return
-        parts: dict[str, list[dict]] = {}
-        for document in self.sink._metrics.find({"run_id": self.run_id}, {"name": 1, "runrelay": 1}).sort("_id", 1):
-            ours = document.get("runrelay") or {"metric": document["name"], "part": 1, "seq": -1, "points": 0}
-            parts.setdefault(ours["metric"], []).append({"_id": document["_id"], **ours})
-        for documents in parts.values():
-            documents.sort(key=lambda document: document["part"])
+        parts = self.sink._parts(self.known)
         by_name: dict[str, list[tuple]] = {}
         for row in zip(points.seqs, points.names, map(storable_number, points.steps),
                        map(storable_number, points.values), points.timestamps):
@@ -337,7 +377,8 @@ class MetricWriter:
                     taken, rows = rows[: self.sink.points_per_document], rows[self.sink.points_per_document:]
                     document = self._document(name, len(documents) + 1, taken)
                     operations.append(InsertOne(document))
-                    documents.append({"_id": document["_id"], **document["runrelay"]})
+                    documents.append({"_id": document["_id"], "name": document["name"], **document["runrelay"]})
+                    self.known.listed = False
             parts[name] = documents
         if operations:
             result = self.sink._metrics.bulk_write(operations, ordered=True)  # a prefix at most, in order

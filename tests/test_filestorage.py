@@ -1,7 +1,8 @@
 """The FileStorage sinks (file://, s3://, gs://): Sacred's layout byte for byte, metrics.json
 streamed from the journal at a bounded cadence, artifact names that cannot leave the run
 directory, run ids that survive a crash between recording and claiming them, many writers
-allocating ids in one base at once, and the exact reads incense and Sacredboard make."""
+allocating ids in one base at once (sink processes; three `runrelay sync` processes into one
+bucket and one directory), and the exact reads incense and Sacredboard make."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from runrelay.eventlog import Journal, Kind
 from runrelay.eventlog import reader
 from sinkkit import Delivery, artifact, beat, deliver, lifecycle, open_sink, point, started, write_run
+from test_replay_crash import delivery_args, runrelay_env
 from test_sink_contract import bucket_read_back, directory_read_back, files, journal  # noqa: F401 - fixtures
 
 SACREDBOARD_TIME = "%Y-%m-%dT%H:%M:%S.%f"  # how Sacredboard's file mode parses run.json's times
@@ -262,6 +264,32 @@ def test_many_writers_allocate_distinct_ids_and_one_directory_per_run(base, tmp_
     owners = [json.loads(base.read(f"{number}/run.json"))["runrelay"]["uid"] for number in ids]
     assert sorted(owners) == sorted(uids)
     assert all(base.run(uid)["status"] == "COMPLETED" for uid in uids)
+
+
+def test_three_daemons_with_separate_journals_into_one_bucket_and_one_directory(tmp_path, moto_server, monkeypatch,
+                                                                               files):
+    """Three `runrelay sync` processes (the daemon's delivery; separate journals and state
+    directories) replay at once into one s3:// prefix and one file:// base each."""
+    bases = [directory_read_back(tmp_path / "runs"),
+             bucket_read_back("s3", moto_server, monkeypatch, f"daemons-{id(tmp_path):x}")]
+    uids, children = [], []
+    for number in range(3):
+        journal = Journal(tmp_path / f"journal-{number}")
+        uids += [write_run(journal, lifecycle(files)) for _ in range(4)]
+        command = delivery_args("sync", journal.root, tmp_path / f"state-{number}", *(base.url for base in bases))
+        children.append(subprocess.Popen([*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=runrelay_env(tmp_path / f"home-{number}")))
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0 and out.split()[:2] == ["delivered", "80"], out + err  # 4 runs x 10 events x 2
+    for base in bases:
+        ids = sorted(int(name) for name in base.run_ids())
+        assert ids == list(range(1, len(uids) + 1)), base.url
+        owners = [json.loads(base.read(f"{number}/run.json"))["runrelay"]["uid"] for number in ids]
+        assert sorted(owners) == sorted(uids), base.url
+        for uid in uids:
+            run = base.run(uid)
+            assert run["status"] == "COMPLETED" and len(run["metrics"]) == 4 and len(run["artifacts"]) == 1, base.url
 
 
 # --- what the real readers read ----------------------------------------------------------------

@@ -92,6 +92,11 @@ def assert_mongo_matches_journal(url: str, journal_dir: Path) -> dict[str, int]:
             if stored[name] != want:
                 problems.append(f"run {state.run} {name}: stored {str(stored[name])[:200]!r}, "
                                 f"journal folds to {str(want)[:200]!r}")
+    for document in documents:  # Omniboard joins metric columns on info.metrics: every document listed
+        listed = {(entry["id"], entry["name"]) for entry in document["info"].get("metrics", [])}
+        made = {(str(entry["_id"]), entry["name"]) for entry in metric_documents if entry["run_id"] == document["_id"]}
+        if listed != made:
+            problems.append(f"run {document['_id']} info.metrics lists {sorted(listed)}, its documents are {sorted(made)}")
     stored_points = Counter(
         (uid_of.get(entry["run_id"]), entry["name"].split(" [runrelay part")[0], step, value_key(value))
         for entry in metric_documents for step, value in zip(entry["steps"], entry["values"]))

@@ -15,6 +15,7 @@ import pymongo
 import pytest
 
 from runrelay.eventlog import Journal, Kind
+from runrelay.sinks.base import TransientSinkError
 from runrelay.sinks.mongo import PART_NAME
 from sinkkit import Delivery, deliver, lifecycle, make_files, open_sink, point, write_run
 
@@ -222,6 +223,30 @@ def test_a_metric_past_the_document_limit_continues_in_named_parts(mongo_url, db
     assert parts == {"loss": [0, 1, 2], PART_NAME.format(name="loss", part=2): [3, 4, 5],
                      PART_NAME.format(name="loss", part=3): [6, 7]}
     assert [entry["name"] for entry in db.runs.find_one()["info"]["metrics"]] == list(parts)
+
+
+def test_what_a_sink_keeps_of_a_run_between_batches_is_checked_by_its_writes(mongo_url, db, journal, files):
+    """The sink keeps a live run's ids and seqs between batches; another writer advancing the
+    run meanwhile (a second daemon on a copy of the journal) makes the kept sink's next batch
+    transient instead of a second copy of its points, and the retry reads the database."""
+    run = write_run(journal, [lifecycle(files)[0], *[point("loss", step, step / 10, step) for step in range(9)]])
+    kept, other = open_sink(mongo_url, journal, name="kept"), open_sink(mongo_url, journal, name="other")
+    try:
+        behind = Delivery(journal, run)
+        behind.apply(kept, through=3)
+        ahead = Delivery(journal, run)
+        ahead.apply(other, through=3)
+        ahead.apply(other, through=6)
+        with pytest.raises(TransientSinkError, match="metrics changed meanwhile"):
+            behind.apply(kept, through=6)
+        behind.apply(kept, through=6)  # the daemon's retry: read again, nothing left to write
+        behind.apply(kept)
+    finally:
+        kept.close()
+        other.close()
+    [series] = db.metrics.find()
+    assert series["steps"] == list(range(9)) and db.runs.count_documents({}) == 1
+    assert db.runs.find_one()["runrelay"]["applied"] == 9
 
 
 def test_three_sinks_into_one_database_at_once_make_distinct_runs(mongo_url, db, tmp_path, files):
