@@ -12,7 +12,10 @@ from runrelay.daemon.config import Config, load
 from runrelay.daemon.errors import EXIT_USAGE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-QUIET_LIBRARIES = ("watchdog",)
+# Libraries' loggers and the lowest level they may log at: at DEBUG watchdog logs every
+# inotify event; psycopg warns "error ignored terminating <Copy>" when a server dies
+# mid-batch, which the sink's own error (and the daemon's outage lines) already says.
+LIBRARY_LOG_FLOORS = {"watchdog": logging.INFO, "psycopg": logging.ERROR}
 HELP_WIDTH = 79
 
 EXITS_DELIVER = """\
@@ -74,6 +77,6 @@ def config_from(args: argparse.Namespace) -> Config:
     overrides = {key: getattr(args, key, None) for key in ("journal", "state", "sinks", "log_level")}
     config = load(args.config, overrides)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    for chatty in QUIET_LIBRARIES:  # at DEBUG, watchdog logs every inotify event
-        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
+    for library, floor in LIBRARY_LOG_FLOORS.items():
+        logging.getLogger(library).setLevel(max(floor, logging.getLogger().level))
     return config
