@@ -14,6 +14,7 @@ the record on; docs/durable.md says what is delivered when and how often.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
@@ -78,7 +79,8 @@ def feed(observer, batch: Batch, record: Record, files: RunFiles, save: Callable
     state, observer_id = part.state, record.observer_id
     calls: list[tuple[int | None, str, int | None, Callable[[], Any]]] = []  # (first seq, name, culprit, call)
     if part.first_seq == 0:
-        calls.append((0, "started_event", 0, lambda: start(observer, state, files)))
+        first_call = "queued_event" if state.start_time is None else "started_event"
+        calls.append((0, first_call, 0, lambda: start(observer, state, files)))
     if "heartbeat" in part.changed:
         calls.append((None, "heartbeat_event", None, lambda: observer.heartbeat_event(
             copy.deepcopy(state.info), state.captured_out, state.heartbeat, copy.deepcopy(state.result))))
@@ -103,7 +105,7 @@ def feed(observer, batch: Batch, record: Record, files: RunFiles, save: Callable
             result = call()
         except Exception as error:  # noqa: BLE001 - whatever the observer raises
             raise ObserverCallFailed(name, culprit, error) from error
-        if name == "started_event":
+        if name in ("started_event", "queued_event"):
             observer_id = _plain_id(result)
         following = calls[index + 1][0] if index + 1 < len(calls) else part.last_seq + 1
         through = first if following is None else following - 1  # None: the beat after the start
@@ -335,27 +337,43 @@ class ObserverSink(Sink):
             self._drop(run)
 
     def applied(self, run: str) -> int:
-        record = self._handoff(run).read()
+        try:
+            record = self._handoff(run).read()
+        except OSError:
+            return -1  # said by apply, which cannot read it either
         return -1 if record is None else record.fed_through
 
     def apply(self, batch: Batch) -> None:
         handoff = self._handoff(batch.run)
+        try:
+            if handoff.read() is None:
+                return  # not wrapped with this name (the record precedes the first event), or not a valid record
+            with self._held(handoff, batch):
+                self._feed(handoff, batch)
+        except OSError as error:  # the run directory (not the observer) cannot be read or written
+            raise PermanentSinkError(f"run {batch.run}: its hand-off record: {error}", batch.first_seq) from None
+
+    @contextlib.contextmanager
+    def _held(self, handoff: HandOff, batch: Batch):
         if not handoff.try_lock():
             raise RunDeferred(f"run {batch.run} is fed by its own process")
         try:
-            record = handoff.read()
-            if record is None:
-                return  # not wrapped with this name (or its record is not valid): nothing to feed
-            observer, files = self._observer(batch.run, record, batch.state)
-            try:
-                feed(observer, batch, record, files, handoff.save)
-            except ObserverCallFailed as failed:
-                self._drop(batch.run)  # its state may be half-changed: the next try reattaches
-                raise self._classified(failed) from failed.error
-            if batch.state.ended:
-                self._drop(batch.run)
+            yield
         finally:
             handoff.release()
+
+    def _feed(self, handoff: HandOff, batch: Batch) -> None:
+        record = handoff.read()  # again: the experiment's feeder may have moved it until it let go
+        if record is None:
+            return
+        observer, files = self._observer(batch.run, record, batch.state)
+        try:
+            feed(observer, batch, record, files, handoff.save)
+        except ObserverCallFailed as failed:
+            self._drop(batch.run)  # its state may be half-changed: the next try reattaches
+            raise self._classified(failed) from failed.error
+        if batch.state.ended:
+            self._drop(batch.run)
 
     def redeliver(self, batch: Batch) -> None:
         raise PermanentSinkError("an observer sink cannot feed a dead letter again out of order; drop it, or feed "
