@@ -27,7 +27,7 @@ from runrelay.eventlog.reader import Journal, Position
 from runrelay.eventlog.sacred import JournalObserver
 from runrelay.eventlog.writer import Durability, JournalWriter
 from runrelay.sinks.base import Batch
-from runrelay.sinks.observer import ObserverCallFailed, RunFiles, feed, is_transient
+from runrelay.sinks.observer import ObserverCallFailed, RunFiles, feed, is_transient, prepare
 
 log = logging.getLogger("runrelay.durable")
 
@@ -52,6 +52,7 @@ class DurableObserver(JournalObserver):
     def __init__(self, observer, name: str | None = None, journal_dir: str | os.PathLike | None = None,
                  durability: Durability = Durability(), drain_seconds: float = DRAIN_SECONDS):
         super().__init__(journal_dir, durability)
+        prepare(observer)
         self.observer = observer
         self.name = check_name(type(observer).__name__ if name is None else name)
         self.drain_seconds = drain_seconds

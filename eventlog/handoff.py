@@ -10,7 +10,7 @@ directory say who feeds and how far:
   each call. Its existence also says the run was wrapped with NAME.
 
 The record is journal content: untrusted. It is parsed as JSON, never evaluated, and
-checked (a seq in range, an id of a plain type); a record that fails the checks is None.
+checked (a seq in range, an id that is an int or a safe name); a record that fails the checks is None.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from runrelay.eventlog.fsutil import FILE_MODE, NotRegularFile, fsync_dir, open_
 FORMAT = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as daemon sink names: a safe file name too
 MAX_RECORD_BYTES = 4096
-MAX_ID_LENGTH = 1024
+# An observer's id as a string: what Sacred's observers return (a uuid, a run directory's
+# number), and safe wherever an observer puts it (FileStorageObserver makes it a directory).
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}$")
 
 
 class BadObserverName(ValueError):
@@ -129,7 +131,6 @@ def parse(data: bytes) -> Record | None:
     fed, observer_id = value.get("fed_through"), value.get("id")
     if type(fed) is not int or not -1 <= fed <= MAX_SEQ:
         return None
-    if not (observer_id is None or type(observer_id) is int
-            or (type(observer_id) is str and len(observer_id) <= MAX_ID_LENGTH)):
+    if not (observer_id is None or type(observer_id) is int or (type(observer_id) is str and ID.match(observer_id))):
         return None
     return Record(fed, observer_id)

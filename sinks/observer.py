@@ -17,16 +17,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
 import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from runrelay.eventlog.events import Status
-from runrelay.eventlog.handoff import HandOff, Record, check_name, BadObserverName
+from runrelay.eventlog.handoff import ID, BadObserverName, HandOff, Record, check_name
 from runrelay.sinks.base import (
     Batch, PermanentSinkError, RunDeferred, RunSource, Sink, SinkConfigError, TransientSinkError,
 )
@@ -143,8 +144,16 @@ def start(observer, state, files: "RunFiles", _id=None):
 
 
 def _plain_id(value):
-    """The id an observer returned, as the hand-off record keeps it (an int or a string)."""
-    return value if value is None or type(value) in (int, str) else str(value)
+    """The id an observer returned, as the hand-off record keeps it: an int, or a string that
+    is a safe name (``eventlog.handoff.ID``); any other is not kept (logged), and a feeder
+    that takes the run over cannot reattach the observer to it."""
+    if value is None or type(value) is int:
+        return value
+    if ID.match(str(value)):
+        return str(value)
+    log.warning("the observer returned the id %r, which the hand-off record cannot keep; the daemon cannot take "
+                "this run over mid-run", value)
+    return None
 
 
 def _end(observer, state) -> None:
@@ -231,6 +240,14 @@ class Adapter:
 
     reattach: Callable[[Any, Any], None]
     started: Callable[[Any, str | None], None] | None = None
+    prepare: Callable[[Any], None] | None = None  # called on every instance before it is fed
+
+
+def prepare(observer) -> None:
+    """Make ``observer`` fit to be fed from the journal, if its adapter says how."""
+    adapter = _adapter(observer)
+    if adapter is not None and adapter.prepare is not None:
+        adapter.prepare(observer)
 
 
 def _reattach_tinydb(observer, observer_id) -> None:
@@ -247,9 +264,42 @@ def _tinydb_started(observer, base_dir: str | None) -> None:
     observer.save()
 
 
+def _reattach_file_storage(observer, observer_id) -> None:
+    run_dir = Path(observer.basedir) / str(observer_id)  # a safe name: the record's check
+    observer.dir = str(run_dir)
+    observer.run_entry = json.loads((run_dir / "run.json").read_text())
+    observer.config = json.loads((run_dir / "config.json").read_text())
+    info = run_dir / "info.json"
+    observer.info = json.loads(info.read_text()) if info.exists() else {}
+    cout = run_dir / "cout.txt"
+    observer.cout = cout.read_bytes().decode("utf-8", "replace") if cout.exists() else ""
+    observer.cout_write_cursor = len(observer.cout)
+
+
+def _file_storage_prepare(observer) -> None:
+    """Its JSON files written as Sacred writes them, but by temp file and rename: a kill -9
+    mid-write leaves the last whole file, never a torn one a feeder after it cannot read."""
+    from sacred.serializer import flatten
+
+    def save_json(obj, filename):
+        path = os.path.join(observer.dir, filename)
+        with open(f"{path}.runrelay-tmp", "w") as file:
+            json.dump(flatten(obj), file, sort_keys=True, indent=2)
+        os.replace(f"{path}.runrelay-tmp", path)
+
+    observer.save_json = save_json
+
+
+def _file_storage_started(observer, base_dir: str | None) -> None:
+    observer.run_entry["experiment"]["base_dir"] = base_dir
+    observer.save_json(observer.run_entry, "run.json")
+
+
 # the qualified name of an observer class -> its adapter (docs/durable.md)
 ADAPTERS: dict[str, Adapter] = {
     "sacred.observers.tinydb_hashfs.tinydb_hashfs.TinyDbObserver": Adapter(_reattach_tinydb, _tinydb_started),
+    "sacred.observers.file_storage.FileStorageObserver": Adapter(
+        _reattach_file_storage, _file_storage_started, _file_storage_prepare),
 }
 
 
@@ -390,6 +440,7 @@ class ObserverSink(Sink):
         step, files = f"{self.kind.__name__}()", RunFiles(self.source, run)
         try:
             observer = self.kind(**self.args)
+            prepare(observer)
             if record.fed_through >= 0:
                 step = "reattach"
                 try:

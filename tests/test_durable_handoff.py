@@ -31,13 +31,15 @@ def test_a_valid_record_reads_back():
     assert parse(record_bytes()) == Record(3, "abc")
     assert parse(record_bytes(fed_through=-1, id=None)) == Record(-1, None)
     assert parse(record_bytes(id=7)) == Record(3, 7)
+    assert parse(record_bytes(id="3")) == Record(3, "3")
 
 
 @pytest.mark.parametrize("data", [
     b"", b"\xff\xfe", b"[1, 2]", b"null", b'{"format": 1}', record_bytes(format=2),
     record_bytes(fed_through=True), record_bytes(fed_through="3"), record_bytes(fed_through=-2),
     record_bytes(fed_through=2**63), record_bytes(fed_through=3.0), record_bytes(id=1.5), record_bytes(id=True),
-    record_bytes(id={"py/object": "os.system"}), record_bytes(id=["a"]), record_bytes(id="x" * 1025),
+    record_bytes(id={"py/object": "os.system"}), record_bytes(id=["a"]), record_bytes(id="x" * 256), record_bytes(id="../../etc"), record_bytes(id="a/b"),
+    record_bytes(id=""), record_bytes(id=".."),
     b" " * 5000 + record_bytes(),
 ], ids=lambda data: repr(data[:40]))
 def test_a_record_that_is_not_one_is_none(data):

@@ -2,8 +2,8 @@
 
     python durable_experiment.py JOURNAL_DIR SPEC [Sacred arguments] with steps=N report_fd=3
 
-SPEC picks the observer: ``tinydb:DIR``, ``plain-tinydb:DIR`` (not wrapped: the reference),
-``counting:FILE``, ``raising:FILE``, ``webhook:URL``; ``drain_seconds`` comes from the
+SPEC picks the observer: ``tinydb:DIR``, ``filestorage:DIR``, ``counting:FILE``,
+``raising:FILE``, ``webhook:URL``; ``plain-KIND:TARGET`` attaches it unwrapped (the reference); ``drain_seconds`` comes from the
 environment (RUNRELAY_TEST_DRAIN, default the wrapper's). After each ``log_scalar`` and
 ``add_artifact`` call has returned it writes "metric loss STEP" or "artifact NAME" as one
 line to ``report_fd``.
@@ -14,21 +14,24 @@ import sys
 import time
 
 from sacred import Experiment
-from sacred.observers import TinyDbObserver
+from sacred.observers import FileStorageObserver, TinyDbObserver
 
 import durable_observers
 import runrelay
 
 journal_dir, spec = sys.argv.pop(1), sys.argv.pop(1)
 kind, _, target = spec.partition(":")
+plain = kind.startswith("plain-")  # the reference: Sacred's observer alone
 ex = Experiment("durable", save_git_info=False)
-OBSERVERS = {"tinydb": TinyDbObserver, "counting": durable_observers.CountingObserver,
-             "raising": durable_observers.RaisingObserver, "webhook": durable_observers.WebhookObserver}
-if kind == "plain-tinydb":
-    ex.observers.append(TinyDbObserver(target))
+OBSERVERS = {"tinydb": TinyDbObserver, "filestorage": FileStorageObserver,
+             "counting": durable_observers.CountingObserver, "raising": durable_observers.RaisingObserver,
+             "webhook": durable_observers.WebhookObserver}
+observer = OBSERVERS[kind.removeprefix("plain-")](target)
+if plain:
+    ex.observers.append(observer)
 else:
     drain = {"drain_seconds": float(os.environ["RUNRELAY_TEST_DRAIN"])} if "RUNRELAY_TEST_DRAIN" in os.environ else {}
-    ex.observers.append(runrelay.durable(OBSERVERS[kind](target), journal_dir=journal_dir, **drain))
+    ex.observers.append(runrelay.durable(observer, journal_dir=journal_dir, **drain))
 
 
 @ex.config
@@ -53,8 +56,8 @@ def main(_run, steps, artifact_every, poison_at, pause, report_fd, workdir):
                 file.write(f"weights at step {step}\n")
             _run.add_artifact(path, name)
             # The journal took its bytes: a wrapped observer never reads the user's file (Sacred's
-            # own TinyDbObserver, the reference, opens it again at every save).
-            if kind != "plain-tinydb":
+            # own TinyDbObserver, a reference, opens it again at every save).
+            if not plain:
                 os.remove(path)
             os.write(report_fd, f"artifact {name}\n".encode())
         _run.info["step"] = step
