@@ -295,11 +295,18 @@ def _file_storage_started(observer, base_dir: str | None) -> None:
     observer.save_json(observer.run_entry, "run.json")
 
 
+def _reattach_sql(observer, observer_id) -> None:
+    from sacred.observers.sql_bases import Run
+
+    observer.run = observer.session.query(Run).filter_by(run_id=str(observer_id)).one()
+
+
 # the qualified name of an observer class -> its adapter (docs/durable.md)
 ADAPTERS: dict[str, Adapter] = {
     "sacred.observers.tinydb_hashfs.tinydb_hashfs.TinyDbObserver": Adapter(_reattach_tinydb, _tinydb_started),
     "sacred.observers.file_storage.FileStorageObserver": Adapter(
         _reattach_file_storage, _file_storage_started, _file_storage_prepare),
+    "sacred.observers.sql.SqlObserver": Adapter(_reattach_sql),
 }
 
 

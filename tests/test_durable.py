@@ -366,3 +366,45 @@ def test_a_killed_run_reaches_file_storage_with_every_metric_and_artifact_that_h
     assert all(steps.count(step) == 2 for step in twice)
     assert twice == (list(range(twice[0], twice[-1] + 1)) if twice else []), twice
     assert len(run["artifacts"]) - len(set(run["artifacts"])) <= 1  # or the artifact call in flight
+
+
+# --- SqlObserver ---------------------------------------------------------------------------------
+
+
+def sql_runs(url: str) -> list[dict]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as db:
+            runs = [dict(row._mapping) for row in db.execute(sa.text("SELECT * FROM run"))]
+            for run in runs:
+                run["artifacts"] = sorted(row[0] for row in db.execute(sa.text(
+                    "SELECT filename FROM artifact WHERE run_id = :id"), {"id": run["run_id"]}))
+            return runs
+    except sa.exc.ProgrammingError:  # no tables yet
+        return []
+    finally:
+        engine.dispose()
+
+
+def test_sql_observer_on_a_database_down_at_start_gets_the_run_once_it_is_up(tmp_path, postgres_server,
+                                                                           postgres_url):
+    postgres_server.stop()
+    try:
+        stderr = run_experiment(tmp_path / "journal", f"sql:{postgres_url}", "steps=12", f"workdir={tmp_path}",
+                                RUNRELAY_TEST_DRAIN="1")
+        assert "Completed after" in stderr
+        daemon = start_daemon(tmp_path, daemon_config(tmp_path, {
+            "SqlObserver": ("sacred.observers:SqlObserver", {"url": postgres_url})}))
+    finally:
+        postgres_server.start()
+    try:
+        [run] = wait_for(lambda: [run for run in sql_runs(postgres_url) if run["status"] == "COMPLETED"],
+                         "the completed run")
+    finally:
+        code, log = daemon.stop()
+        assert code == 0, log
+    assert json.loads(run["info"]) == {"step": 11} and run["result"] == 12
+    assert run["artifacts"] == ["model-0.txt", "model-10.txt", "model-5.txt"]
+    assert "step 11" in run["captured_out"]

@@ -2,7 +2,7 @@
 
     python durable_experiment.py JOURNAL_DIR SPEC [Sacred arguments] with steps=N report_fd=3
 
-SPEC picks the observer: ``tinydb:DIR``, ``filestorage:DIR``, ``counting:FILE``,
+SPEC picks the observer: ``tinydb:DIR``, ``filestorage:DIR``, ``sql:URL``, ``counting:FILE``,
 ``raising:FILE``, ``webhook:URL``; ``plain-KIND:TARGET`` attaches it unwrapped (the reference); ``drain_seconds`` comes from the
 environment (RUNRELAY_TEST_DRAIN, default the wrapper's). After each ``log_scalar`` and
 ``add_artifact`` call has returned it writes "metric loss STEP" or "artifact NAME" as one
@@ -14,7 +14,7 @@ import sys
 import time
 
 from sacred import Experiment
-from sacred.observers import FileStorageObserver, TinyDbObserver
+from sacred.observers import FileStorageObserver, SqlObserver, TinyDbObserver
 
 import durable_observers
 import runrelay
@@ -23,7 +23,7 @@ journal_dir, spec = sys.argv.pop(1), sys.argv.pop(1)
 kind, _, target = spec.partition(":")
 plain = kind.startswith("plain-")  # the reference: Sacred's observer alone
 ex = Experiment("durable", save_git_info=False)
-OBSERVERS = {"tinydb": TinyDbObserver, "filestorage": FileStorageObserver,
+OBSERVERS = {"tinydb": TinyDbObserver, "filestorage": FileStorageObserver, "sql": SqlObserver,
              "counting": durable_observers.CountingObserver, "raising": durable_observers.RaisingObserver,
              "webhook": durable_observers.WebhookObserver}
 observer = OBSERVERS[kind.removeprefix("plain-")](target)
