@@ -64,6 +64,25 @@ def start_daemon(tmp_path: Path, config: Path) -> Daemon:
                   PYTHONPATH=str(EXPERIMENTS))
 
 
+def fed_by_a_daemon(tmp_path: Path, sinks: dict[str, tuple[str, dict]], check, what: str):
+    """Start a daemon with these observer sinks, wait for ``check``, stop it cleanly."""
+    daemon = start_daemon(tmp_path, daemon_config(tmp_path, sinks))
+    try:
+        return wait_for(check, what)
+    finally:
+        code, log = daemon.stop()
+        assert code == 0, log
+
+
+def plain_and_wrapped(tmp_path: Path, kind: str, drain: str) -> tuple[Path, Path]:
+    """One run of the experiment with Sacred's observer alone, one with it wrapped."""
+    plain, wrapped = tmp_path / "plain", tmp_path / "wrapped"
+    config = ("seed=7", "steps=12", f"workdir={tmp_path}")
+    run_experiment(tmp_path / "unused", f"plain-{kind}:{plain}", *config)
+    run_experiment(tmp_path / "journal", f"{kind}:{wrapped}", *config, RUNRELAY_TEST_DRAIN=drain)
+    return plain, wrapped
+
+
 def calls(path: Path) -> list[dict]:
     """The calls the observer logged, but for a line still being written."""
     text = path.read_text() if path.exists() else ""
@@ -97,16 +116,9 @@ def comparable(run: dict) -> dict:
 
 @pytest.mark.parametrize("drain", ["5", "0"], ids=["fed_in_process", "fed_by_the_daemon"])
 def test_a_completed_run_reads_as_the_plain_tinydb_observer_writes_it(tmp_path, drain):
-    plain, wrapped = tmp_path / "plain_db", tmp_path / "wrapped_db"
-    config = ("seed=7", "steps=12", f"workdir={tmp_path}")
-    run_experiment(tmp_path / "unused", f"plain-tinydb:{plain}", *config)
-    run_experiment(tmp_path / "journal", f"tinydb:{wrapped}", *config, RUNRELAY_TEST_DRAIN=drain)
-    daemon = start_daemon(tmp_path, daemon_config(tmp_path, {
-        "TinyDbObserver": ("sacred.observers:TinyDbObserver", {"path": str(wrapped)})}))
-    try:
-        wait_for(lambda: [run for run in tinydb_runs(wrapped) if run["status"] == "COMPLETED"], "the completed run")
-    finally:
-        assert daemon.stop()[0] == 0
+    plain, wrapped = plain_and_wrapped(tmp_path, "tinydb", drain)
+    fed_by_a_daemon(tmp_path, {"TinyDbObserver": ("sacred.observers:TinyDbObserver", {"path": str(wrapped)})},
+                    lambda: [run for run in tinydb_runs(wrapped) if run["status"] == "COMPLETED"], "the completed run")
     [expected], [got] = tinydb_runs(plain), tinydb_runs(wrapped)
     assert comparable(got) == comparable(expected)
     assert [name for name, *_ in got["artifacts"]] == ["model-0.txt", "model-5.txt", "model-10.txt"]
@@ -133,12 +145,8 @@ def test_a_killed_run_reaches_tinydb_with_every_artifact_that_had_returned(tmp_p
     database = tmp_path / "runs_db"
     reported = killed_mid_run(tmp_path, f"tinydb:{database}")
     artifacts = [line.split()[1] for line in reported if line.startswith("artifact")]
-    daemon = start_daemon(tmp_path, daemon_config(tmp_path, {
-        "TinyDbObserver": ("sacred.observers:TinyDbObserver", {"path": str(database)})}))
-    try:
-        [run] = wait_for(lambda: [run for run in tinydb_runs(database) if run["status"] == "DIED"], "the dead run")
-    finally:
-        assert daemon.stop()[0] == 0
+    [run] = fed_by_a_daemon(tmp_path, {"TinyDbObserver": ("sacred.observers:TinyDbObserver", {"path": str(database)})},
+                            lambda: [run for run in tinydb_runs(database) if run["status"] == "DIED"], "the dead run")
     stored = {name: handle.read().decode() for name, _, _, handle in run["artifacts"]}
     assert set(artifacts) <= set(stored)
     assert all(stored[name] == f"weights at step {name[6:-4]}\n" for name in stored)
@@ -329,16 +337,10 @@ def run_files(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("drain", ["5", "0"], ids=["fed_in_process", "fed_by_the_daemon"])
 def test_a_completed_run_reads_as_the_plain_file_storage_observer_writes_it(tmp_path, drain):
-    plain, wrapped = tmp_path / "plain", tmp_path / "wrapped"
-    config = ("seed=7", "steps=12", f"workdir={tmp_path}")
-    run_experiment(tmp_path / "unused", f"plain-filestorage:{plain}", *config)
-    run_experiment(tmp_path / "journal", f"filestorage:{wrapped}", *config, RUNRELAY_TEST_DRAIN=drain)
-    daemon = start_daemon(tmp_path, daemon_config(tmp_path, {
-        "FileStorageObserver": ("sacred.observers:FileStorageObserver", {"basedir": str(wrapped)})}))
-    try:
-        wait_for(lambda: "COMPLETED" in (wrapped / "1" / "run.json").read_text(), "the completed run")
-    finally:
-        assert daemon.stop()[0] == 0
+    plain, wrapped = plain_and_wrapped(tmp_path, "filestorage", drain)
+    fed_by_a_daemon(tmp_path, {"FileStorageObserver": ("sacred.observers:FileStorageObserver",
+                                                       {"basedir": str(wrapped)})},
+                    lambda: "COMPLETED" in (wrapped / "1" / "run.json").read_text(), "the completed run")
     expected, got = run_files(plain / "1"), run_files(wrapped / "1")
     assert got == expected
     assert {"model-0.txt", "model-5.txt", "model-10.txt", "info.json"} <= set(got)
@@ -348,12 +350,9 @@ def test_a_completed_run_reads_as_the_plain_file_storage_observer_writes_it(tmp_
 def test_a_killed_run_reaches_file_storage_with_every_metric_and_artifact_that_had_returned(tmp_path):
     basedir = tmp_path / "runs"
     reported = killed_mid_run(tmp_path, f"filestorage:{basedir}")
-    daemon = start_daemon(tmp_path, daemon_config(tmp_path, {
-        "FileStorageObserver": ("sacred.observers:FileStorageObserver", {"basedir": str(basedir)})}))
-    try:
-        wait_for(lambda: '"DIED"' in (basedir / "1" / "run.json").read_text(), "the dead run")
-    finally:
-        assert daemon.stop()[0] == 0
+    fed_by_a_daemon(tmp_path, {"FileStorageObserver": ("sacred.observers:FileStorageObserver",
+                                                       {"basedir": str(basedir)})},
+                    lambda: '"DIED"' in (basedir / "1" / "run.json").read_text(), "the dead run")
     run = json.loads((basedir / "1" / "run.json").read_text())
     artifacts = [line.split()[1] for line in reported if line.startswith("artifact")]
     assert set(artifacts) <= set(run["artifacts"])
