@@ -4,8 +4,8 @@
     url = "observer://sacred.observers:TinyDbObserver"
     args = { path = "/data/runs_db" }           # keyword arguments for the class
 
-``feed`` turns a batch into the calls Sacred makes (``started_event``, ``log_metrics`` then
-``heartbeat_event``, ``artifact_event`` and ``resource_event`` with the journal's copy of the
+``feed`` turns a batch into the calls Sacred makes (``started_event``, ``heartbeat_event``,
+``log_metrics``, ``artifact_event`` and ``resource_event`` with the journal's copy of the
 file, the ending); the producer's feeder (``eventlog.durable``) and this sink both use it,
 each saving the run's hand-off record (``eventlog.handoff``) after every call. The sink
 feeds a run only once it holds the run's feeder lock (the experiment's feeder is gone), from
@@ -56,6 +56,9 @@ class ObserverCallFailed(Exception):
 
 
 def is_transient(error: BaseException, extra: tuple[str, ...] = ()) -> bool:
+    status = getattr(error, "code", None) if type(error).__name__ == "HTTPError" else None
+    if isinstance(status, int):  # urllib's HTTPError: a URLError, but only throttling and 5xx pass
+        return status == 429 or status >= 500
     names = {f"{kind.__module__}.{kind.__qualname__}" for kind in type(error).__mro__}
     if names & set(TRANSIENT_ERRORS + extra):
         return True

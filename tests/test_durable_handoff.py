@@ -127,3 +127,20 @@ def test_the_sink_defers_a_run_whose_feeder_holds_the_lock(tmp_path):
 def test_an_unknown_class_is_a_sink_config_error_without_the_daemon():
     with pytest.raises(SinkConfigError, match="PYTHONPATH"):
         ObserverSink.identity("observer://nowhere_module:X")
+
+
+def test_an_observer_error_is_transient_only_when_its_backend_is_out_of_reach():
+    import urllib.error
+
+    import sqlalchemy.exc
+
+    from runrelay.sinks.observer import is_transient
+
+    assert is_transient(ConnectionRefusedError())
+    assert is_transient(urllib.error.URLError("refused"))
+    assert is_transient(urllib.error.HTTPError("http://x", 503, "busy", {}, None))
+    assert not is_transient(urllib.error.HTTPError("http://x", 404, "gone", {}, None))
+    assert is_transient(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("down")))
+    assert not is_transient(FileNotFoundError("x"))
+    assert not is_transient(ValueError("bad"))
+    assert is_transient(ValueError("custom"), ("builtins.ValueError",))
