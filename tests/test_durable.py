@@ -254,10 +254,11 @@ def test_an_event_the_observer_always_refuses_is_a_dead_letter_and_the_rest_arri
     assert sorted(step for call in got if call["call"] == "metrics" for _, step in call["points"]) == list(range(20))
 
 
-def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) -> bool:
+def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) -> tuple[bool, int, int]:
     """One experiment killed at a random point while the daemon runs; every call that had
     returned reaches the observer, and no event twice except those of one call in flight.
-    Whether both fed the run (the experiment first, the daemon after)."""
+    Whether both fed the run (the experiment first, the daemon after), how many metric points
+    and artifacts were fed in all, how many of them twice."""
     read_fd, write_fd = os.pipe()
     process = start_experiment(tmp_path / "journal", f"counting:{log}", "steps=100000", "artifact_every=4",
                                f"pause={rng.choice([0, 0.001, 0.005])}", f"workdir={tmp_path}", f"seed={attempt}",
@@ -277,14 +278,17 @@ def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) 
     got = [call for call in calls(log) if call["run"] == run]
     metrics = [(call["pid"], tuple(point)) for call in got if call["call"] == "metrics" for point in call["points"]]
     artifacts = [(call["pid"], call["name"]) for call in got if call["call"] == "artifact"]
+    total = repeated = 0
     for kind, items in (("metric", metrics), ("artifact", artifacts)):
         fed = [item for _, item in items]
+        total += len(fed)
         returned = {tuple(line.split()[1:]) if kind == "metric" else line.split()[1]
                     for line in reported if line.startswith(kind)}
         returned = {(name, int(step)) for name, step in returned} if kind == "metric" else returned
         fed = [(name, int(step)) for name, step in fed] if kind == "metric" else fed
         assert returned <= set(fed), (attempt, kind, sorted(returned - set(fed))[:5])
         twice = {item for item in fed if fed.count(item) > 1}
+        repeated += len(twice)
         assert all(fed.count(item) == 2 for item in twice), attempt
         if twice:  # fed by the experiment, then again by the daemon: one call was in flight
             in_process = [call for call in got if call["pid"] == started["pid"] and call["call"] in ("metrics", "artifact")]
@@ -296,7 +300,7 @@ def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) 
     assert [call["status"] for call in got if call["call"] == "interrupted"] == ["DIED"]
     feeders = [call["pid"] for call in got]
     assert feeders == sorted(feeders, key=lambda pid: pid != process.pid)  # never the experiment after the daemon
-    return len(set(feeders)) == 2
+    return len(set(feeders)) == 2, total, repeated
 
 
 def hand_off(tmp_path: Path, kills: int) -> None:
@@ -305,9 +309,12 @@ def hand_off(tmp_path: Path, kills: int) -> None:
         "CountingObserver": ("durable_observers:CountingObserver", {"path": str(log)})}))
     rng = random.Random(1234)
     try:
-        handed_over = sum(kill_and_count(tmp_path, log, attempt, rng) for attempt in range(kills))
+        outcomes = [kill_and_count(tmp_path, log, attempt, rng) for attempt in range(kills)]
     finally:
         assert daemon.stop()[0] == 0
+    handed_over = sum(both for both, _, _ in outcomes)
+    print(f"{kills} kills: {handed_over} handed over mid-feed; {sum(total for _, total, _ in outcomes)} metric points "
+          f"and artifacts fed, {sum(repeated for _, _, repeated in outcomes)} of them twice (the call in flight)")
     assert handed_over >= kills // 2  # most kills come mid-run, with the experiment feeding
 
 
