@@ -257,8 +257,8 @@ def test_an_event_the_observer_always_refuses_is_a_dead_letter_and_the_rest_arri
 def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) -> tuple[bool, int, int]:
     """One experiment killed at a random point while the daemon runs; every call that had
     returned reaches the observer, and no event twice except those of one call in flight.
-    Whether both fed the run (the experiment first, the daemon after), how many metric points
-    and artifacts were fed in all, how many of them twice."""
+    Whether both fed the run (the experiment first, the daemon after), how many starts, metric
+    points and artifacts were fed in all, how many of them twice."""
     read_fd, write_fd = os.pipe()
     process = start_experiment(tmp_path / "journal", f"counting:{log}", "steps=100000", "artifact_every=4",
                                f"pause={rng.choice([0, 0.001, 0.005])}", f"workdir={tmp_path}", f"seed={attempt}",
@@ -270,15 +270,25 @@ def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) 
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=WAIT_SECONDS)
         reported += reports.read().splitlines()
-    [started] = wait_for(lambda: [call for call in calls(log) if call["call"] == "started"
-                                  and call["config"]["seed"] == attempt], "the run's start")
-    run = started["run"]
-    wait_for(lambda: [call for call in calls(log) if call["run"] == run and call["call"] == "interrupted"],
-             "the dead run's verdict")
+
+    def starts():
+        return [call for call in calls(log) if call["call"] == "started" and call["config"]["seed"] == attempt]
+
+    def verdict():  # the observer's run id is its own: a run of this attempt that got its verdict
+        ids = {call["run"] for call in starts()}
+        return [call for call in calls(log) if call["run"] in ids and call["call"] == "interrupted"]
+
+    [ended] = wait_for(verdict, "the dead run's verdict")
+    run, started = ended["run"], starts()
+    if len(started) == 2:  # started_event was the call in flight: the experiment's, then the daemon's
+        orphan = started[0]
+        assert orphan["pid"] == process.pid and started[1]["pid"] != process.pid, attempt
+        assert [call for call in calls(log) if call["run"] == orphan["run"]] == [orphan], attempt
+    assert len(started) in (1, 2) and started[-1]["run"] == run, attempt
     got = [call for call in calls(log) if call["run"] == run]
     metrics = [(call["pid"], tuple(point)) for call in got if call["call"] == "metrics" for point in call["points"]]
     artifacts = [(call["pid"], call["name"]) for call in got if call["call"] == "artifact"]
-    total = repeated = 0
+    total, repeated = len(started), len(started) - 1
     for kind, items in (("metric", metrics), ("artifact", artifacts)):
         fed = [item for _, item in items]
         total += len(fed)
@@ -291,7 +301,7 @@ def kill_and_count(tmp_path: Path, log: Path, attempt: int, rng: random.Random) 
         repeated += len(twice)
         assert all(fed.count(item) == 2 for item in twice), attempt
         if twice:  # fed by the experiment, then again by the daemon: one call was in flight
-            in_process = [call for call in got if call["pid"] == started["pid"] and call["call"] in ("metrics", "artifact")]
+            in_process = [call for call in got if call["pid"] == process.pid and call["call"] in ("metrics", "artifact")]
             last = in_process[-1]
             last_items = ({(name, step) for name, step in last.get("points", [])} if kind == "metric"
                           else {last.get("name")})
@@ -313,8 +323,8 @@ def hand_off(tmp_path: Path, kills: int) -> None:
     finally:
         assert daemon.stop()[0] == 0
     handed_over = sum(both for both, _, _ in outcomes)
-    print(f"{kills} kills: {handed_over} handed over mid-feed; {sum(total for _, total, _ in outcomes)} metric points "
-          f"and artifacts fed, {sum(repeated for _, _, repeated in outcomes)} of them twice (the call in flight)")
+    print(f"{kills} kills: {handed_over} handed over mid-feed; {sum(total for _, total, _ in outcomes)} starts, metric "
+          f"points and artifacts fed, {sum(repeated for _, _, repeated in outcomes)} of them twice (the call in flight)")
     assert handed_over >= kills // 2  # most kills come mid-run, with the experiment feeding
 
 
