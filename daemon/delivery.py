@@ -8,6 +8,8 @@ broken run never holds up the others:
 - a permanent error sends the event at fault to the dead-letter queue and the rest of the
   batch is applied without it (``apply_isolating``, the one place that finds the culprit);
 - a sink that cannot work as configured is said once and re-checked slowly;
+- a run the sink defers (``RunDeferred``: a wrapped observer's run still fed by its own
+  process) is left as it is and tried again on a later pass;
 - a corrupt journal stops that run only: its good events are delivered, the damage is
   logged and shown by ``runrelay status``; a run that cannot be read (no permission, an
   odd file where a segment belongs) is skipped the same way, and tried again each pass;
@@ -44,7 +46,9 @@ from runrelay.eventlog.fold import (
     SETS, Folding, MalformedEvent, RunState, from_snapshot, metric_point, passed, snapshot,
 )
 from runrelay.eventlog.reader import Journal, Position
-from runrelay.sinks.base import Batch, PermanentSinkError, Sink, TransientSinkError, UnusableSinkError
+from runrelay.sinks.base import (
+    Batch, PermanentSinkError, RunDeferred, Sink, TransientSinkError, UnusableSinkError,
+)
 
 log = logging.getLogger("runrelay.delivery")
 
@@ -314,8 +318,11 @@ class SinkWorker:
         if records.records:
             stretch = Stretch(run, known.state, records.events, records.points, start.seq, records.end.seq - 1)
             refused_before = known.cursor.dead_lettered
-            batch = apply_isolating(self.sink.apply, stretch, lambda fn: self._send(fn, stop),
-                                    lambda event, reason: self._refuse(known, event, reason))
+            try:
+                batch = apply_isolating(self.sink.apply, stretch, lambda fn: self._send(fn, stop),
+                                        lambda event, reason: self._refuse(known, event, reason))
+            except RunDeferred:
+                return 0  # another process feeds it for now: a later pass tries again
             self._log_lifecycle(run, known.state, batch.state)
             known.state = batch.state
             known.cursor.position = records.end

@@ -133,6 +133,7 @@ class JournalObserver(RunObserver):
         (kind, body, sources), self._first = self._first, None
         writer = JournalWriter.create(self.journal_dir, durability=self.durability)
         try:
+            self._opened(writer)
             body["sources"] = [{"name": name, **writer.store_file(path)} for name, path in sources]
             if kind is Kind.STARTED:
                 body["process"] = process_info()
@@ -146,6 +147,9 @@ class JournalObserver(RunObserver):
             writer.close()  # Sacred's queue-only mode emits nothing after queued
         self._writer = writer
         self._journaled_out = ""
+
+    def _opened(self, writer: JournalWriter) -> None:
+        """The run's journal is open and holds no event yet (a hook for ``eventlog.durable``)."""
 
     def _end(self, kind: Kind, body: dict) -> None:
         if self._first is not None:  # an observer after this one failed to start: Sacred ends the run

@@ -1,6 +1,6 @@
 """runrelay: crash-safe recording of ML experiments.
 
-The public names: ``from runrelay import JournalObserver, Recorder``. The journal, the daemon
+The public names: ``from runrelay import JournalObserver, Recorder, durable``. The journal, the daemon
 and the sinks are the subpackages ``runrelay.eventlog``, ``runrelay.daemon`` and
 ``runrelay.sinks`` (in the repository: ``eventlog/``, ``daemon/`` and ``sinks/`` at its root).
 """
@@ -22,7 +22,11 @@ def __getattr__(name: str):
         from runrelay.eventlog import sacred
 
         return getattr(sacred, name)
+    if name == "durable":
+        from runrelay.eventlog.durable import durable
+
+        return durable
     raise AttributeError(f"module 'runrelay' has no attribute {name!r}")
 
 
-__all__ = ["Durability", "JournalObserver", "Recorder", "journal_option", "__version__"]
+__all__ = ["Durability", "JournalObserver", "Recorder", "durable", "journal_option", "__version__"]

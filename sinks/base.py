@@ -16,6 +16,7 @@ import datetime as dt
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping, Protocol
 
 from runrelay.eventlog.events import Points
@@ -51,6 +52,11 @@ class UnusableSinkError(SinkError):
     The daemon logs it once, re-checks slowly, and keeps the other sinks delivering."""
 
 
+class RunDeferred(SinkError):
+    """Not this run yet: another process feeds it (a wrapped observer's own run, while it
+    lives). The daemon leaves the run as it is and tries again on a later pass."""
+
+
 class SinkConfigError(ValueError):
     """A sink URL or option that can never work, found without any I/O; says what to fix."""
 
@@ -62,6 +68,9 @@ class RunSource(Protocol):
         """The bytes of an artifact, resource or source, checked against their digest and
         rewound; the caller closes it. FileNotFoundError if the blob is gone, ValueError if
         it is damaged (both permanent for the event that names it)."""
+
+    def run_dir(self, run: str) -> Path:
+        """The run's journal directory (where a wrapped observer's hand-off record lives)."""
 
     def points(self, run: str, through_seq: int) -> Iterator[Points]:
         """The run's metric points up to ``through_seq``, chunk by chunk, for a sink that must

@@ -21,6 +21,7 @@ _BACKENDS = {
     "file": "runrelay.sinks.filestorage_local:DirectorySink",
     "s3": "runrelay.sinks.filestorage_s3:S3Sink",
     "gs": "runrelay.sinks.filestorage_gcs:GcsSink",
+    "observer": "runrelay.sinks.observer:ObserverSink",  # observer://module:Class
 }
 
 
