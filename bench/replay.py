@@ -565,7 +565,7 @@ AREAS = [
     ("  SqlSink.apply", "sinks/sql.py", "apply"),
     ("    _metric_rows (points -> rows)", "sinks/sql.py", "_metric_rows"),
     ("    driver: sqlite3 executemany", "~", "<method 'executemany' of 'sqlite3.Cursor' objects>"),
-    ("cursor + state snapshot save", "daemon/state.py", "save_cursor"),
+    ("cursor + state snapshot save", "daemon/state.py", "save_cursors"),
     ("state snapshot encode", "daemon/delivery.py", "_snapshot"),
 ]
 
