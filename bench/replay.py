@@ -1,7 +1,7 @@
 """Replay benchmark: delivery beside a hand-written bulk insert, live lag, restart, memory.
 
     python bench/replay.py [--points N] [--runs N] [--sinks sqlite,postgresql,mariadb,mongodb,file,s3,gs]
-                           [--only replay,lag,restart,memory,bytes] [--fixed-runs N] [--fixed-points N]
+                           [--only replay,fixed,lag,restart,memory,bytes] [--fixed-runs N] [--fixed-points N]
                            [--lag-seconds S] [--lag-rates R,R]
                            [--memory-points N] [--store-points N] [--store-rate R] [--profile] [--dir DIR]
 
@@ -13,7 +13,7 @@ command for the full-size figures (1,000,000 events).
     `runrelay daemon` (process start to last commit), beside a bulk insert of the very rows
     the sink wrote into an equivalent table of the same database, same process, same run;
     and how many journal records `runrelay sync` read per event it delivered (goal: once);
-(a') a run's fixed cost: 1,000 runs of 100 points replayed beside as many events in R runs,
+(a') fixed: a run's fixed cost: 1,000 runs of 100 points replayed beside as many events in R runs,
     the difference per extra run;
 (b) lag, append -> committed in SQLite (the run's applied seq, written in the same
     transaction as its rows), p50/p99, and the daemon's CPU, while a producer appends R
@@ -87,7 +87,7 @@ POLL_SECONDS = 0.001
 RSS_POLL_SECONDS = 0.05
 STORES = ("file", "s3", "gs")
 SINKS = ("sqlite", "postgresql", "mariadb", "mongodb", *STORES)
-SECTIONS = ("replay", "lag", "restart", "memory", "bytes")
+SECTIONS = ("replay", "fixed", "lag", "restart", "memory", "bytes")
 
 COLUMNS = "run_id, name, step, value, nonfinite, timestamp"
 INDEX = "CREATE INDEX bench_metric_run_name ON bench_metric (run_id, name)"
@@ -662,7 +662,7 @@ AREAS = [
     ("  SqlSink.apply", "sinks/sql.py", "apply"),
     ("    _metric_rows (points -> rows)", "sinks/sql.py", "_metric_rows"),
     ("    driver: sqlite3 executemany", "~", "<method 'executemany' of 'sqlite3.Cursor' objects>"),
-    ("cursor + state snapshot save", "daemon/state.py", "save_cursor"),
+    ("cursor + state snapshot save", "daemon/state.py", "save_cursors"),
     ("state snapshot encode", "daemon/delivery.py", "_snapshot"),
 ]
 
@@ -1027,15 +1027,17 @@ def main() -> None:
                 read, delivered = journal_reads(journal, root / "state-reads", targets[0].url("reads"))
                 print(f"  runrelay sync read {read:,} journal records to deliver {delivered:,} events "
                       f"(x{read / max(1, delivered):.2f}) goal: never twice: {ok(read <= delivered)}")
-                many = root / "journal-many"
-                many_ends = write_journal(many, args.fixed_runs, args.fixed_runs * args.fixed_points)
-                fixed_events = sum(many_ends.values()) + len(many_ends)
-                few = root / "journal-few"
-                few_ends = write_journal(few, args.runs, fixed_events - args.runs)
-                print(f"\n(a') a run's fixed cost: {args.fixed_runs:,} runs of {args.fixed_points} points beside "
-                      f"{args.runs} runs of as many events in all")
-                for target in targets:
-                    bench_fixed_cost(root, many, many_ends, few, few_ends, target)
+
+        if "fixed" in args.only:
+            many = root / "journal-many"
+            many_ends = write_journal(many, args.fixed_runs, args.fixed_runs * args.fixed_points)
+            fixed_events = sum(many_ends.values()) + len(many_ends)
+            few = root / "journal-few"
+            few_ends = write_journal(few, args.runs, fixed_events - args.runs)
+            print(f"\n(a') a run's fixed cost: {args.fixed_runs:,} runs of {args.fixed_points} points beside "
+                  f"{args.runs} runs of as many events in all")
+            for target in targets:
+                bench_fixed_cost(root, many, many_ends, few, few_ends, target)
 
         if "lag" in args.only:
             for rate in args.lag_rates:

@@ -2,7 +2,9 @@
 
 One ``SinkWorker`` per sink, each on its own thread, so a slow or dead sink never holds
 up another. Within a sink, runs take turns (one batch per run per pass), so a huge or
-broken run never holds up the others:
+broken run never holds up the others. The batches of a pass go to the sink in groups of up
+to ``batch_events`` records (``Sink.apply_runs``: one transaction for many small runs where
+the sink can), and a group's cursors are saved together, after the sink has taken it:
 - a transient error is retried with backoff (``daemon.retry``) until it passes or the
   worker stops (one-shot mode gives up after the policy's budget);
 - a permanent error sends the event at fault to the dead-letter queue and the rest of the
@@ -36,7 +38,7 @@ from typing import Callable, Sequence
 from runrelay.daemon import retry
 from runrelay.daemon.config import Delivery, RetryPolicy
 from runrelay.daemon.dlq import DeadLetters, Letter
-from runrelay.daemon.state import Cursor, StateStore, StateUnavailable
+from runrelay.daemon.state import Cursor, CursorSave, StateStore, StateUnavailable
 from runrelay.daemon.supervisor import Liveness
 from runrelay.eventlog import codec
 from runrelay.eventlog.codec import EncodeError
@@ -45,7 +47,7 @@ from runrelay.eventlog.events import Event, Kind, Points
 from runrelay.eventlog.fold import (
     SETS, Folding, MalformedEvent, RunState, from_snapshot, metric_point, passed, snapshot,
 )
-from runrelay.eventlog.reader import Journal, Position
+from runrelay.eventlog.reader import Journal, Position, RecordBatch
 from runrelay.sinks.base import (
     Batch, PermanentSinkError, RunDeferred, Sink, TransientSinkError, UnusableSinkError,
 )
@@ -147,6 +149,29 @@ def _culprit(apply, stretch: Stretch, send: Send, refuse: Refuse, error: Permane
     return seqs[low], reason
 
 
+def apply_runs_isolating(sink: Sink, stretches: Sequence[Stretch], send: Send,
+                         refuse: Refuse) -> list[Batch | None]:
+    """Apply several runs' stretches with one ``sink.apply_runs``; on PermanentSinkError or
+    RunDeferred, each through ``apply_isolating``, which finds the event at fault (what the
+    sink took already it skips). Returns the batches applied, in the order of ``stretches``:
+    None for a run the sink defers."""
+    if len(stretches) > 1:
+        batches = [stretch.batch(refuse) for stretch in stretches]
+        try:
+            send(lambda: sink.apply_runs(batches))
+            return batches
+        except (PermanentSinkError, RunDeferred):
+            pass
+    return [_apply_unless_deferred(sink, stretch, send, refuse) for stretch in stretches]
+
+
+def _apply_unless_deferred(sink: Sink, stretch: Stretch, send: Send, refuse: Refuse) -> Batch | None:
+    try:
+        return apply_isolating(sink.apply, stretch, send, refuse)
+    except RunDeferred:
+        return None  # another process feeds it for now: a later pass tries again
+
+
 @dataclass
 class _Run:
     """What a worker knows about one run between batches."""
@@ -157,6 +182,22 @@ class _Run:
     unreadable: bool = False  # stopped because it could not be read: tried again each pass
     reported: str | None = None  # the reason last logged, so that a retried run is logged once
     output_saved: int | None = None  # how much of state.captured_out the state holds; None: unknown
+
+
+@dataclass
+class _Read:
+    """A run's next records, read in a pass, waiting for their group to be applied."""
+
+    run: str
+    known: _Run
+    start: Position
+    records: RecordBatch
+    refused_before: int  # known.cursor.dead_lettered before the records were applied
+
+    def stretch(self) -> Stretch:
+        records = self.records
+        return Stretch(self.run, self.known.state, records.events, records.points, self.start.seq,
+                       records.end.seq - 1)
 
 
 @dataclass
@@ -284,65 +325,94 @@ class SinkWorker:
                 stop.wait(self.delivery.batch_wait_seconds)  # let a live run's burst gather
 
     def _pass(self, stop: threading.Event) -> tuple[bool, bool]:
-        """One batch for each run with something pending: whether anything was delivered,
-        and whether a batch was full (more is pending)."""
-        delivered = full = False
+        """One batch for each run with something pending, applied in groups: whether
+        anything was delivered, and whether a batch was full (more is pending)."""
+        pending = []
         for run in self.journal.runs():
-            if stop.is_set():
-                break
             known = self._runs.setdefault(run, _Run(Cursor()))
             if known.unreadable:
                 known.stopped, known.unreadable = None, False  # its permissions may be fixed by now
                 self.outcome.stopped_runs.pop(run, None)
             if not known.cursor.done and not known.stopped:
-                records = self._deliver_batch(run, known, stop)
-                delivered |= records > 0
-                full |= records >= self.delivery.batch_events
+                pending.append(run)
+        new = [run for run in pending if self._runs[run].state is None]
+        applied = self._send(lambda: self.sink.applied_runs(new), stop) if new else {}
+        delivered = full = False
+        group: list[_Read] = []
+        grouped = 0  # records in the group
+        for run in pending:
+            if stop.is_set():
+                break
+            read = self._read(run, self._runs[run], applied, stop)
+            if read is None:
+                continue
+            group.append(read)
+            grouped += read.records.records
+            if grouped >= self.delivery.batch_events:
+                taken = self._deliver_group(group, stop)
+                delivered |= bool(taken)
+                full |= any(read.records.records >= self.delivery.batch_events for read in taken)
+                group, grouped = [], 0
+        if group:
+            taken = self._deliver_group(group, stop)  # a stop waits for what was read: the batch in flight
+            delivered |= bool(taken)
+            full |= any(read.records.records >= self.delivery.batch_events for read in taken)
         return delivered, full
 
-    def _deliver_batch(self, run: str, known: _Run, stop: threading.Event) -> int:
-        """Deliver the run's next batch; returns how many records it held."""
+    def _read(self, run: str, known: _Run, applied: dict[str, int], stop: threading.Event) -> _Read | None:
+        """The run's next records (None: nothing to deliver now); a run new to this worker is
+        first caught up to what the sink holds of it (``applied``, read for all such runs)."""
         try:
             if known.state is None:
-                self._catch_up(run, known, stop)
+                self._catch_up(run, known, applied[run], stop)
                 if known.cursor.done:
-                    return 0
+                    return None
             start = known.cursor.position
             records = self.journal.read_batch(run, start, self.delivery.batch_events, self.until_us)
         except JournalCorrupt as corrupt:
             self._stop_run(run, known, corrupt)
-            return 0
+            return None
         except UnknownRun:
             self._runs.pop(run, None)  # removed by retention meanwhile
-            return 0
-        if records.records:
-            stretch = Stretch(run, known.state, records.events, records.points, start.seq, records.end.seq - 1)
-            refused_before = known.cursor.dead_lettered
-            try:
-                batch = apply_isolating(self.sink.apply, stretch, lambda fn: self._send(fn, stop),
-                                        lambda event, reason: self._refuse(known, event, reason))
-            except RunDeferred:
-                return 0  # another process feeds it for now: a later pass tries again
-            self._log_lifecycle(run, known.state, batch.state)
+            return None
+        if not records.records:
+            if records.corrupt:
+                self._stop_run(run, known, records.corrupt)
+            return None
+        return _Read(run, known, start, records, known.cursor.dead_lettered)
+
+    def _deliver_group(self, group: list[_Read], stop: threading.Event) -> list[_Read]:
+        """Apply the runs' records, then save their cursors, all in one state transaction;
+        the reads applied (a run the sink defers is left for a later pass)."""
+        batches = apply_runs_isolating(self.sink, [read.stretch() for read in group],
+                                       lambda fn: self._send(fn, stop), self._refuse)
+        taken = [(read, batch) for read, batch in zip(group, batches) if batch is not None]  # not the deferred
+        if not taken:
+            return []
+        group = [read for read, _batch in taken]
+        for read, batch in taken:
+            known = read.known
+            self._log_lifecycle(read.run, known.state, batch.state)
             known.state = batch.state
-            known.cursor.position = records.end
+            known.cursor.position = read.records.end
             known.cursor.done = known.state.ended
-            self._save(run, known, _replaces_output(records.events), stop)
+        self._save(group, stop)
+        for read in group:
+            known, records = read.known, read.records
             if known.cursor.done:
                 known.state = None  # nothing more will come: free the memory
-            delivered = records.records - (known.cursor.dead_lettered - refused_before)
-            self.on_progress(delivered, self.journal.bytes_between(run, start, records.end))
-        if records.corrupt:
-            self._stop_run(run, known, records.corrupt)
-        return records.records
+            delivered = records.records - (known.cursor.dead_lettered - read.refused_before)
+            self.on_progress(delivered, self.journal.bytes_between(read.run, read.start, records.end))
+            if records.corrupt:
+                self._stop_run(read.run, known, records.corrupt)
+        return group
 
-    def _catch_up(self, run: str, known: _Run, stop: threading.Event) -> None:
+    def _catch_up(self, run: str, known: _Run, applied: int, stop: threading.Event) -> None:
         """Fold the run up to where the sink is: the cursor, or further if the sink says so.
 
         The sink's ``applied`` is the truth (the cursor lags after a crash between the
         sink's commit and the cursor save); events it holds are folded, not re-sent.
         """
-        applied = self._send(lambda: self.sink.applied(run), stop)
         if applied + 1 < known.cursor.position.seq and not known.cursor.dead_lettered:
             # Nothing was dead-lettered, so the sink lost events it had committed (restored
             # from a backup, a failover to a lagging replica): it is the truth, deliver again.
@@ -363,7 +433,7 @@ class SinkWorker:
             skipped = position.seq - known.cursor.position.seq
             known.cursor.position = position
             known.cursor.done = known.state.ended
-            self._durably(lambda: self.store.save_cursor(self.sink.name, run, known.cursor), stop)
+            self._durably(lambda: self.store.save_cursors(self.sink.name, [CursorSave(run, known.cursor)]), stop)
             known.output_saved = None
             self.on_progress(skipped, 0)
 
@@ -386,15 +456,19 @@ class SinkWorker:
                 break
         return folding.state, position
 
-    def _save(self, run: str, known: _Run, replaced_output: bool, stop: threading.Event) -> None:
-        """Save the cursor with the run's state. Its captured output is written only where it
-        grew since the last save (unless the batch replaced it): a long run's output is
-        saved once, not again at every beat."""
-        saved = self._snapshot(known)
+    def _save(self, group: list[_Read], stop: threading.Event) -> None:
+        """Save the runs' cursors with their states, in one transaction. A run's captured
+        output is written only where it grew since its last save (unless a beat replaced
+        it): a long run's output is saved once, not again at every beat."""
+        saves = [self._cursor_save(read.run, read.known, _replaces_output(read.records.events)) for read in group]
+        self._durably(lambda: self.store.save_cursors(self.sink.name, saves), stop)
+        for read, save in zip(group, saves):
+            read.known.output_saved = len(save.output) if save.snapshot is not None else None
+
+    def _cursor_save(self, run: str, known: _Run, replaced_output: bool) -> CursorSave:
         output = known.state.captured_out
         kept = 0 if replaced_output or known.output_saved is None else min(known.output_saved, len(output))
-        self._durably(lambda: self.store.save_cursor(self.sink.name, run, known.cursor, saved, output, kept), stop)
-        known.output_saved = len(output) if saved is not None else None
+        return CursorSave(run, known.cursor, self._snapshot(known), output, kept)
 
     def _snapshot(self, known: _Run) -> bytes | None:
         """The state saved with the cursor, its captured output left out (saved beside it)."""
@@ -428,7 +502,8 @@ class SinkWorker:
             known.output_saved = None
         return state
 
-    def _refuse(self, known: _Run, event: Event, reason: str) -> None:
+    def _refuse(self, event: Event, reason: str) -> None:
+        known = self._runs[event.run]
         self._durably(lambda: self.letters.put(event, reason))
         known.cursor.dead_lettered += 1
         known.cursor.last_error = reason

@@ -3,7 +3,8 @@
 One small SQLite database in the state directory (WAL, ``synchronous=FULL``: a saved
 cursor survives power loss). A cursor is a hint, never the truth: the sink's own
 ``applied(run)`` is. After a crash between a sink's commit and the cursor save the
-cursor lags, the daemon re-sends from it and the sink skips what it holds.
+cursor lags, the daemon re-sends from it and the sink skips what it holds. The cursors of
+the runs the daemon delivered together are saved in one transaction (one commit).
 
 So the state is never worth a crash loop. A damaged database (at open or at any later
 query) is moved aside (``state.sqlite.damaged-<time>``), logged, and started afresh: the
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir
 from runrelay.eventlog.reader import Position
@@ -87,6 +88,22 @@ class Cursor:
     done: bool = False
     dead_lettered: int = 0
     last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class CursorSave:
+    """One run's cursor to save, with what lets a restart resume a live run without folding
+    its journal from the start: ``snapshot``, the run's folded state at the cursor, and its
+    captured output, which only grows between beats and can be large, saved beside it by
+    pieces: ``output`` is the whole of it, of which the first ``output_kept`` characters
+    are saved already (the last save's), so only the rest is written. No snapshot: no
+    output kept either."""
+
+    run: str
+    cursor: Cursor
+    snapshot: bytes | None = None
+    output: str | None = None
+    output_kept: int = 0
 
 
 OK, RETRYING, UNUSABLE, CRASHED = "ok", "retrying", "unusable", "crashed"
@@ -194,34 +211,15 @@ class StateStore:
             for run, seq, segment, byte, done, dead_lettered, last_error in rows
         }
 
-    def save_cursor(self, sink: str, run: str, cursor: Cursor, snapshot: bytes | None = None,
-                    output: str | None = None, output_kept: int = 0) -> None:
-        """Durable on return. A cursor never moves back (another process may have saved further).
-
-        ``snapshot`` (the run's folded state at the cursor) lets a restart resume a live
-        run without folding its journal from the start. Its captured output, which only grows
-        between beats and can be large, is saved beside it by pieces: ``output`` is the
-        whole of it, of which the first ``output_kept`` characters are saved already (the
-        last save's), so only the rest is written. No snapshot: no output kept either.
-        """
-        position = cursor.position
+    def save_cursors(self, sink: str, saves: Sequence[CursorSave]) -> None:
+        """Durable on return, all in one transaction (one commit for many runs). A cursor
+        never moves back (another process may have saved further)."""
+        now = time.time()
 
         def save(db: sqlite3.Connection) -> None:
             with _immediate(db):
-                moved = db.execute(
-                    "INSERT INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (sink, run) DO UPDATE SET seq = excluded.seq, segment = excluded.segment, "
-                    "byte = excluded.byte, done = excluded.done, dead_lettered = excluded.dead_lettered, "
-                    "last_error = excluded.last_error, updated = excluded.updated, snapshot = excluded.snapshot "
-                    "WHERE excluded.seq >= cursors.seq",
-                    (sink, run, position.seq, position.segment, position.offset, int(cursor.done),
-                     cursor.dead_lettered, cursor.last_error, time.time(), snapshot),
-                ).rowcount
-                if moved:
-                    kept = output_kept if snapshot is not None and output is not None else 0
-                    db.execute("DELETE FROM outputs WHERE sink = ? AND run = ? AND start >= ?", (sink, run, kept))
-                    if snapshot is not None and output is not None and len(output) > kept:
-                        db.execute("INSERT INTO outputs VALUES (?, ?, ?, ?)", (sink, run, kept, output[kept:]))
+                for one in saves:
+                    _save_cursor(db, sink, one, now)
 
         self._run(save)
 
@@ -286,6 +284,25 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _save_cursor(db: sqlite3.Connection, sink: str, save: CursorSave, now: float) -> None:
+    position, cursor = save.cursor.position, save.cursor
+    moved = db.execute(
+        "INSERT INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (sink, run) DO UPDATE SET seq = excluded.seq, segment = excluded.segment, "
+        "byte = excluded.byte, done = excluded.done, dead_lettered = excluded.dead_lettered, "
+        "last_error = excluded.last_error, updated = excluded.updated, snapshot = excluded.snapshot "
+        "WHERE excluded.seq >= cursors.seq",
+        (sink, save.run, position.seq, position.segment, position.offset, int(cursor.done),
+         cursor.dead_lettered, cursor.last_error, now, save.snapshot),
+    ).rowcount
+    if moved:
+        output = save.output if save.snapshot is not None else None
+        kept = save.output_kept if output is not None else 0
+        db.execute("DELETE FROM outputs WHERE sink = ? AND run = ? AND start >= ?", (sink, save.run, kept))
+        if output is not None and len(output) > kept:
+            db.execute("INSERT INTO outputs VALUES (?, ?, ?, ?)", (sink, save.run, kept, output[kept:]))
 
 
 @contextlib.contextmanager

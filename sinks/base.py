@@ -1,7 +1,10 @@
 """The sink interface: a handful of verbs, no threads, no cursors, no retry loops.
 
 A sink turns one run's batch into writes, effectively once: applying a batch twice, or a
-prefix of it and then all of it, leaves the backend exactly as applying it once. It reads
+prefix of it and then all of it, leaves the backend exactly as applying it once. The daemon
+hands it the batches of several runs at once (``apply_runs``): each run's batch is applied
+whole or not at all, whatever else fails; by default one after the other, in one
+transaction where the backend overrides it. It reads
 the run's folded state and the batch's metric points, never raw event bodies. It converts
 its driver's errors into the three errors below and its own explicit value checks into
 ``PermanentSinkError``; anything else it raises is a bug, which stops its worker visibly.
@@ -17,7 +20,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from runrelay.eventlog.events import Points
 from runrelay.eventlog.fold import RunState
@@ -175,10 +178,28 @@ class Sink(ABC):
     def applied(self, run: str) -> int:
         """The highest seq of ``run`` this backend holds (-1 if none), read from the backend."""
 
+    def applied_runs(self, runs: Iterable[str]) -> dict[str, int]:
+        """``applied`` for each of ``runs`` (the daemon asks for every run new to it at once).
+        By default one ``applied`` each; a backend that can read them together overrides it."""
+        return {run: self.applied(run) for run in runs}
+
     @abstractmethod
     def apply(self, batch: Batch) -> None:
         """Write one batch effectively once: the part above ``applied`` (``batch.after``),
         recording ``batch.last_seq`` as applied with the writes where the backend allows."""
+
+    def apply_runs(self, batches: Sequence[Batch]) -> None:
+        """Write the batches of several runs (one each), each as ``apply`` writes it.
+
+        Each run's batch is applied whole or not at all, as ``apply`` makes it; when this
+        raises, or the process dies in it, some runs' batches may be applied and others not,
+        and ``applied`` says which: the daemon saves no cursor before this returns, and sends
+        again what is not. On PermanentSinkError the daemon applies the batches one by one
+        (``apply``) to find the event at fault. By default the batches are applied one after
+        the other; a backend that can write them in one transaction, each run's applied seq
+        with its writes, overrides it (sinks/sql.py)."""
+        for batch in batches:
+            self.apply(batch)
 
     @abstractmethod
     def redeliver(self, batch: Batch) -> None:

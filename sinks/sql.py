@@ -1,5 +1,5 @@
 """The SQL sink: runs in Sacred's ``SqlObserver`` tables (sinks/sql_tables.py), one
-transaction per batch.
+transaction per batch, or per group of several runs' batches (``apply_runs``).
 
 SQLite (the default), PostgreSQL (psycopg 3) and MariaDB/MySQL (PyMySQL) through
 SQLAlchemy Core; connecting and error classification in sinks/sql_engine.py. The layout,
@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 
@@ -36,6 +36,7 @@ MYSQL_PACKET_MARGIN = 1024 * 1024
 SCHEMA_LOCK_NAME = "runrelay_schema"  # MySQL named lock held while creating tables
 SCHEMA_LOCK_KEY = int.from_bytes(b"runrelay", "big")  # PostgreSQL advisory lock key
 SCHEMA_LOCK_SECONDS = 60
+RUNS_PER_QUERY = 500  # uids in one IN (...) of applied_runs: within every backend's parameter limit
 
 # --- the run-row columns each RunState field sets ---------------------------------------------
 
@@ -73,12 +74,14 @@ _FROM_STATE: dict[str, Callable[[RunState], Any]] = {
 
 
 class SqlSink(Sink, TakesCentralVerdicts):
-    """Runs in Sacred's SqlObserver tables, one transaction per batch (docs/sinks.md).
+    """Runs in Sacred's SqlObserver tables, one transaction per batch or per group of
+    several runs' batches (docs/sinks.md).
 
     Effectively once: ``runrelay_run`` holds each run's uid, its Sacred run id and the
     highest seq applied; it is read (``FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE``) and
     advanced in the same transaction as the batch's writes, and the batch's part at or
-    below it is skipped. A re-delivered dead letter is recorded in ``runrelay_redelivered``
+    below it is skipped. A group's runs are locked in uid order, so that two writers of
+    the same runs never wait for each other in a cycle. A re-delivered dead letter is recorded in ``runrelay_redelivered``
     in its transaction instead. Driver errors become TransientSinkError, PermanentSinkError
     (a value the database cannot take) or UnusableSinkError (no such database, refused
     credentials, a file that cannot be opened); see docs/sinks.md.
@@ -109,15 +112,27 @@ class SqlSink(Sink, TakesCentralVerdicts):
             self._max_value_bytes = self._value_limit(conn)
 
     def applied(self, run: str) -> int:
-        with self._transaction(run) as conn:
-            seq = conn.execute(sa.select(runrelay_run.c.applied_seq).where(runrelay_run.c.uid == run)).scalar()
-        return -1 if seq is None else seq
+        return self.applied_runs([run])[run]
+
+    def applied_runs(self, runs: Iterable[str]) -> dict[str, int]:
+        runs = list(runs)
+        found = {}
+        with self._transaction(_only_run(runs)) as conn:
+            for start in range(0, len(runs), RUNS_PER_QUERY):
+                chunk = runs[start:start + RUNS_PER_QUERY]
+                found.update(conn.execute(sa.select(runrelay_run.c.uid, runrelay_run.c.applied_seq)
+                                          .where(runrelay_run.c.uid.in_(chunk))).all())
+        return {run: found.get(run, -1) for run in runs}
 
     def apply(self, batch: Batch) -> None:
-        self._write(batch, redelivery=False)
+        self.apply_runs([batch])
+
+    def apply_runs(self, batches: Sequence[Batch]) -> None:
+        """All the batches in one transaction (one commit), each run's applied seq with its writes."""
+        self._write(sorted(batches, key=lambda batch: batch.run), redelivery=False)
 
     def redeliver(self, batch: Batch) -> None:
-        self._write(batch, redelivery=True)
+        self._write([batch], redelivery=True)
 
     def close(self) -> None:
         if self._deadline is not None:
@@ -166,31 +181,36 @@ class SqlSink(Sink, TakesCentralVerdicts):
 
     # --- writing a batch ---------------------------------------------------------------------
 
-    def _write(self, batch: Batch, redelivery: bool) -> None:
+    def _write(self, batches: Sequence[Batch], redelivery: bool) -> None:
+        """The batches in one transaction."""
         self._ids.begin()
-        with self._transaction(batch.run) as conn:
-            found = conn.execute(
-                sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq, runrelay_run.c.death_reason)
-                .where(runrelay_run.c.uid == batch.run)
-                .with_for_update()
-            ).first()
-            part = self._unwritten(conn, batch, redelivery, found)
-            if part is None:
-                return
-            if found is not None and found.death_reason is not None and part.state.death is None:
-                part = dataclasses.replace(part, changed=part.changed | REVIVED)  # undo a central verdict
-            run_id = found.run_id if found else self._create_run(conn, part)
-            values = self._add_rows(conn, run_id, part)
-            values.update(self._run_columns(part))
-            if values:
-                self._check_size(values)
-                conn.execute(run.update().where(run.c.run_id == run_id).values(**values))
-            ours = self._bookkeeping(part, redelivery)
-            if ours:
-                conn.execute(runrelay_run.update().where(runrelay_run.c.uid == batch.run).values(**ours))
-            if redelivery:
-                conn.execute(runrelay_redelivered.insert().values(uid=batch.run, seq=batch.last_seq))
+        with self._transaction(_only_run([batch.run for batch in batches])) as conn:
+            for batch in batches:
+                self._write_batch(conn, batch, redelivery)
         self._ids.committed()
+
+    def _write_batch(self, conn: sa.Connection, batch: Batch, redelivery: bool) -> None:
+        found = conn.execute(
+            sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq, runrelay_run.c.death_reason)
+            .where(runrelay_run.c.uid == batch.run)
+            .with_for_update()
+        ).first()
+        part = self._unwritten(conn, batch, redelivery, found)
+        if part is None:
+            return
+        if found is not None and found.death_reason is not None and part.state.death is None:
+            part = dataclasses.replace(part, changed=part.changed | REVIVED)  # undo a central verdict
+        run_id = found.run_id if found else self._create_run(conn, part)
+        values = self._add_rows(conn, run_id, part)
+        values.update(self._run_columns(part))
+        if values:
+            self._check_size(values)
+            conn.execute(run.update().where(run.c.run_id == run_id).values(**values))
+        ours = self._bookkeeping(part, redelivery)
+        if ours:
+            conn.execute(runrelay_run.update().where(runrelay_run.c.uid == batch.run).values(**ours))
+        if redelivery:
+            conn.execute(runrelay_redelivered.insert().values(uid=batch.run, seq=batch.last_seq))
 
     def _unwritten(self, conn: sa.Connection, batch: Batch, redelivery: bool, found) -> Batch | None:
         if not redelivery:
@@ -379,6 +399,12 @@ class SqlSink(Sink, TakesCentralVerdicts):
         return sql_engine.classified(error, message)
 
 
+
+
+def _only_run(runs: Sequence[str]) -> str | None:
+    """The run an error names: the one run, or none for several (each names itself when the
+    daemon applies them one by one)."""
+    return runs[0] if len(runs) == 1 else None
 
 
 def _last_beat() -> sa.ColumnElement:

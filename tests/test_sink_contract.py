@@ -22,6 +22,7 @@ import pymongo
 import pytest
 import sqlalchemy as sa
 
+from runrelay.daemon.delivery import apply_runs_isolating
 from runrelay.eventlog import Journal
 from runrelay.sinks.base import PermanentSinkError, SinkError, TransientSinkError, UnusableSinkError
 from runrelay.sinks.registry import sink_for
@@ -419,3 +420,75 @@ def test_a_started_event_alone_makes_a_readable_run(sink, store, journal, files)
     contents = store.run(run)
     assert contents["status"] == "RUNNING" and contents["config"]["lr"] == 0.1
     assert contents["metrics"] == [] and contents["artifacts"] == []
+
+
+# --- several runs at once (Sink.apply_runs) -------------------------------------------------------
+
+
+def test_several_runs_applied_together_are_each_applied_once(sink, store, journal, files):
+    runs = [write_run(journal, lifecycle(files)) for _ in range(3)]
+    reference = write_run(journal, lifecycle(files))
+    deliver(sink, journal, reference)
+    sink.apply_runs([Delivery(journal, run).batch(through=4) for run in runs])  # then the daemon crashed
+    assert sink.applied_runs(runs) == dict.fromkeys(runs, 4)
+    for _ in range(2):  # everything again: what each run holds is skipped
+        sink.apply_runs([Delivery(journal, run).batch() for run in runs])
+    assert sink.applied_runs([*runs, "no-such-run"]) == {**dict.fromkeys(runs, 9), "no-such-run": -1}
+    for run in runs:
+        assert same(without_time(store.run(run)), without_time(store.run(reference)))
+
+
+def test_a_permanent_error_among_several_runs_sets_aside_its_event_only(sink, store, journal, files):
+    runs = [write_run(journal, lifecycle(files)) for _ in range(3)]
+    missing_blob(journal, runs[1], 7)
+    letters: dict[tuple[str, int], str] = {}
+    stretches = [Delivery(journal, run).stretch() for run in runs]
+    apply_runs_isolating(sink, stretches, lambda call: call(),
+                         lambda event, reason: letters.setdefault((event.run, event.seq), reason))
+    assert list(letters) == [(runs[1], 7)]
+    assert sink.applied_runs(runs) == dict.fromkeys(runs, 9)
+    assert [len(store.run(run)["artifacts"]) for run in runs] == [1, 0, 1]
+
+
+def test_a_kill_in_the_middle_of_several_runs_leaves_each_run_applied_or_not(store, journal, files):
+    """SIGKILL while the sink writes three runs' batches, blocked reading the last run's
+    artifact: each run is wholly applied or not at all (``applied`` says which, and an
+    applied run is complete), and delivering again makes every run whole, once."""
+    runs = [write_run(journal, lifecycle(files)) for _ in range(3)]
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from sinkkit import Delivery, open_sink\n"
+        "from runrelay.eventlog import Journal\n"
+        f"journal = Journal({str(journal.root)!r})\n"
+        "class Blocking:\n"
+        "    def open_blob(self, run, digest):\n"
+        f"        if run == {runs[-1]!r}:\n"
+        "            print('blocked', flush=True)\n"
+        "            time.sleep(60)\n"
+        "        return journal.open_blob(run, digest)\n"
+        "    def points(self, run, through_seq):\n"
+        "        return journal.points(run, through_seq)\n"
+        f"sink = open_sink({store.url!r}, Blocking())\n"
+        f"sink.apply_runs([Delivery(journal, run).batch() for run in {runs!r}])\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "blocked\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    sink = open_sink(store.url, journal)
+    try:
+        applied = sink.applied_runs(runs)
+        assert set(applied.values()) <= {-1, 9} and applied[runs[-1]] == -1, applied
+        reference = write_run(journal, lifecycle(files))
+        deliver(sink, journal, reference)
+        whole = without_time(store.run(reference))
+        assert all(same(without_time(store.run(run)), whole) for run in runs if applied[run] == 9)
+        for run in runs:
+            deliver(sink, journal, run)
+        assert all(same(without_time(store.run(run)), whole) for run in runs)
+        assert store.run(reference)["runs in the store"] == 4
+    finally:
+        sink.close()
