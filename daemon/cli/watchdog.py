@@ -14,8 +14,8 @@ exit codes:
 def add_commands(commands, common) -> None:
     watchdog = add_command(commands, "watchdog", [common], help="mark the runs of silent hosts dead", description=(
         "For hosts whose daemon went silent (power loss, a lost node, a partition): in every configured "
-        "sink that takes central verdicts (SQL), mark dead each RUNNING run whose heartbeat is older than "
-        "watchdog.stale_seconds and whose host's daemon has not reported for watchdog.host_silent_seconds, "
+        "sink that takes central verdicts (SQL, Mongo, FileStorage), mark dead each RUNNING run whose "
+        "heartbeat is older than watchdog.stale_seconds and whose host's daemon has not reported for watchdog.host_silent_seconds, "
         "with a conditional write, so several watchdogs at once write each verdict once. A run whose host "
         "comes back gets its real history again. Runs every watchdog.every_seconds until stopped; "
         "--once for cron."),
