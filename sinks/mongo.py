@@ -201,8 +201,7 @@ class MongoSink(Sink, TakesCentralVerdicts):
             fields["captured_out"] = self._output(state, fields)
         if "death" in changed:
             ours["runrelay.death"] = death_reason(state)
-        if "process" in changed:
-            ours["runrelay.host"] = run_host(state)
+        ours["runrelay.host"] = run_host(state)  # every batch: a run started before runrelay recorded it gets it too
         unset = {name: "" for name in _UNSET_WHEN_NONE if name in fields and fields[name] is None}
         update = {"$set": {**{k: v for k, v in fields.items() if k not in unset}, **ours}}
         if unset:
