@@ -67,9 +67,15 @@ class GcsStore(BucketStore):
             blob = self._bucket.blob(self._key(key))
             try:
                 data = blob.download_as_bytes(timeout=self.timeout, retry=None)
+                if blob.generation is not None:
+                    return data, int(blob.generation)  # the download's own generation header
+                # a server that sends none (an emulator): the generation, then its bytes
+                blob.reload(timeout=self.timeout, retry=None)
+                generation = int(blob.generation)
+                data = blob.download_as_bytes(if_generation_match=generation, timeout=self.timeout, retry=None)
+                return data, generation
             except NotFound:
                 return None
-            return data, int(blob.generation)  # the download's own generation header
 
     def put_if(self, key: str, data: bytes, tag: int) -> bool:
         return self._upload_if(key, data, tag)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from runrelay.daemon.watchdog import HostReports, Watchdog, utc
 from runrelay.eventlog import Journal, JournalWriter, Kind
 from runrelay.sinks.filestorage import TIME_FORMAT
 from sinkkit import Delivery, append_steps, at, beat, lifecycle, make_files, open_sink, started, write_run
+from servers import Server, port_open, start_or_skip
 from test_sink_contract import bucket_read_back, directory_read_back
 from test_sql_sink import DIALECTS, in_threads, run_row
 
@@ -146,6 +149,49 @@ def test_each_filestorage_store_honours_conditional_writes(name, request, tmp_pa
         assert sink.central_problem() is None
     finally:
         sink.close()
+
+
+class GcpStorageEmulator(Server):
+    """PyPI ``gcp-storage-emulator``, a GCS emulator that ignores generation preconditions
+    (TESTING.md): a real store on which a conditional write is not safe."""
+
+    name = "gcp-storage-emulator"
+    programs = ("gcp-storage-emulator",)
+    install_hint = "pip install gcp-storage-emulator (in the test extra)"
+    stop_signal = signal.SIGTERM
+    bucket = "runrelay-tests"
+
+    def __init__(self):
+        super().__init__(os.path.dirname(sys.executable))
+
+    def _initialize(self) -> None:
+        pass
+
+    def _command(self) -> list[str]:
+        return [str(self.program("gcp-storage-emulator")), "start", "-H", "127.0.0.1", "--port", str(self.port),
+                "--default-bucket", self.bucket, "--in-memory", "--quiet"]
+
+    def _accepts_connections(self) -> bool:
+        return port_open(self.port)
+
+
+def test_a_store_that_ignores_preconditions_is_named_once_and_left_out(journal, files, caplog):
+    server = GcpStorageEmulator()
+    try:
+        start_or_skip(server)
+        sink = open_sink(f"gs://{server.bucket}/runs", journal, endpoint=f"http://127.0.0.1:{server.port}")
+        try:
+            running_run(sink, journal, files)
+            judge = watchdog([sink])
+            with caplog.at_level(logging.WARNING, logger="runrelay.watchdog"):
+                assert (judge.once(), judge.once()) == (0, 0)
+        finally:
+            sink.close()
+    finally:
+        server.cleanup()
+    assert [record.getMessage() for record in caplog.records] == [
+        "sink test cannot take central verdicts: the store wrote over a newer version in a conditional write "
+        "(it ignores the precondition): left out"]
 
 
 def test_a_silent_hosts_running_run_is_marked_dead_with_the_reason(sink, store, journal, files):
