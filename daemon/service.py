@@ -177,7 +177,7 @@ def run_watchdog(config: Config, once: bool) -> int:
     """Central verdicts for silent hosts in every configured sink that takes them."""
     sinks = central(_sinks(config, journal=None))
     if not sinks:
-        raise UserError("none of the configured sinks takes central verdicts (SQL sinks do)")
+        raise UserError("none of the configured sinks takes central verdicts (SQL, Mongo and FileStorage sinks do)")
     settings = config.watchdog
     watchdog = Watchdog(sinks, settings.host_silent_seconds, settings.stale_seconds, config.dead_runs.status)
     try:

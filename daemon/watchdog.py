@@ -90,14 +90,25 @@ class Watchdog:
     status: str
     clock: Callable[[], float] = time.time
 
+    def __post_init__(self):
+        self._unable: set[str] = set()
+
     def once(self) -> int:
         """Mark what is due; the number of verdicts this pass wrote. A sink that fails is
-        logged and tried again at the next pass."""
+        logged and tried again at the next pass; one whose store turns out to ignore a
+        conditional write's precondition is named once and left out from then on."""
         now = self.clock()
         written = 0
         for sink in self.sinks:
+            if sink.name in self._unable:
+                continue
             try:
                 sink.open()
+                problem = sink.central_problem()
+                if problem is not None:
+                    self._unable.add(sink.name)
+                    log.warning("sink %s cannot take central verdicts: %s: left out", sink.name, problem)
+                    continue
                 for silent in sink.silent_runs(utc(now - self.host_silent_seconds), utc(now - self.stale_seconds)):
                     seen = "never reported" if silent.host_seen is None else f"last reported {silent.host_seen:%Y-%m-%d %H:%M:%S} UTC"
                     beat = "none" if silent.heartbeat is None else f"{silent.heartbeat:%Y-%m-%d %H:%M:%S} UTC"

@@ -228,6 +228,18 @@ class SilentRun:
     host_seen: dt.datetime | None  # the host daemon's last report; None if it never reported
 
 
+def run_host(state: RunState) -> str | None:
+    """The host a run's process runs on (its started event's ``process.host``): whose
+    silence the central watchdog looks at."""
+    host = (state.process or {}).get("host")
+    return host if isinstance(host, str) else None
+
+
+def death_reason(state: RunState) -> str | None:
+    """The reason of the death verdict the run's fold holds, None while it holds none."""
+    return None if state.death is None else str(state.death.get("reason") or "")
+
+
 class TakesCentralVerdicts(ABC):
     """A sink the central watchdog can use (docs/daemon.md, "Dead runs"): it records each
     daemon's reports that its host lives, finds silent runs, and marks one dead with a
@@ -247,6 +259,11 @@ class TakesCentralVerdicts(ABC):
     @abstractmethod
     def mark_dead(self, run: SilentRun, status: str, reason: str) -> bool:
         """Give ``run`` the central verdict if it is still as found; True if this call wrote it."""
+
+    def central_problem(self) -> str | None:
+        """Why this sink, opened, cannot take central verdicts after all (its store ignores a
+        conditional write's precondition), or None: the watchdog then leaves it out."""
+        return None
 
 
 _CREDENTIALS = re.compile(r"^(?P<head>[\w+.-]+://[^:/@]*:)[^@]*@")  # as SQLAlchemy parses: password up to the first "@"

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import tempfile
 import time
+import uuid
 from abc import ABC, abstractmethod
 from typing import Any, BinaryIO, ClassVar, Iterator
 from urllib.parse import parse_qsl, urlsplit
 
-from runrelay.eventlog.fold import RunState
+from runrelay.eventlog.fold import RunState, death_trace
 from runrelay.sinks import sacred
 from runrelay.sinks.base import (
-    Batch, PermanentSinkError, RunSource, Sink, SinkConfigError, TransientSinkError, seconds_option,
+    Batch, PermanentSinkError, RunSource, SilentRun, Sink, SinkConfigError, TakesCentralVerdicts, TransientSinkError,
+    death_reason, run_host, seconds_option,
 )
 
-RECORDS = "_runrelay"  # runrelay's own objects under the base: uid records, temp files
+RECORDS = "_runrelay"  # runrelay's own objects under the base: uid records, host reports, temp files
+PROBE = f"{RECORDS}/probe"  # what the check that the store honours conditional writes writes
 ID_ATTEMPTS = 50  # integer ids tried before a run's creation is called transient
 DEFAULT_REWRITE_SECONDS = 30.0
 DEFAULT_REWRITE_GROWTH = 0.5
@@ -54,6 +58,16 @@ class Store(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes | None:
         """The object's bytes, None if there is none."""
+
+    @abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, Any] | None:
+        """The object's bytes and a tag naming this version of it (for ``put_if``), None if
+        there is none."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, tag: Any) -> bool:
+        """Write the object whole only while it is still the version ``tag`` names; False if
+        it is not (or is gone). Atomic against every other write of the key."""
 
     @abstractmethod
     def has(self, key: str) -> bool:
@@ -127,7 +141,7 @@ def check_driver(module: str, extra: str) -> None:
         raise SinkConfigError(f"{module} is not installed: pip install 'runrelay[{extra}]'")
 
 
-class FileStorageSink(Sink):
+class FileStorageSink(Sink, TakesCentralVerdicts):
     """One run per integer directory, in Sacred's FileStorage layout (docs/sinks.md).
 
     A subclass names its store: ``_store()`` builds it from the URL and options.
@@ -353,7 +367,7 @@ class FileStorageSink(Sink):
             artifacts=[sacred.stored_name(entry["name"]) for entry in state.artifacts],
             resources=list({entry["filename"]: [entry["filename"], self.store.location(
                 _shared_key("_resources", entry["filename"], entry["md5"]))] for entry in state.resources}.values()),
-            runrelay=book,
+            runrelay={**book, "host": run_host(state), "death": death_reason(state)},
         )
         return document
 
@@ -362,6 +376,54 @@ class FileStorageSink(Sink):
         sources = [sacred.untuple(pair) for pair in experiment.get("sources", [])]
         experiment["sources"] = [[name, _shared_key("_sources", name, md5)] for name, md5 in sources]
         return experiment
+
+    # --- central verdicts (docs/daemon.md, "Dead runs") --------------------------------------
+    # Every write of run.json is a whole document from the run's fold, so the batch after a
+    # verdict withdraws it (the fold holds no death); the verdict itself is a compare-and-swap
+    # of run.json (``Store.put_if``), so it never lands over a batch written meanwhile.
+
+    def report_host(self, host: str, at: dt.datetime) -> None:
+        self._put_json(_host_key(host), {"host": host, "seen": at})
+
+    def silent_runs(self, host_silent_since: dt.datetime, heartbeat_before: dt.datetime) -> list[SilentRun]:
+        seen: dict[str, dt.datetime | None] = {}
+        silent = []
+        for run_id in sorted(self.store.run_ids()):
+            running = _running(self._get_json(f"{run_id}/run.json"))
+            if running is None or running[2] >= heartbeat_before:
+                continue
+            uid, host, heartbeat = running
+            if host not in seen:
+                seen[host] = self._host_seen(host)
+            if seen[host] is None or seen[host] < host_silent_since:
+                silent.append(SilentRun(uid, host, heartbeat, seen[host]))
+        return silent
+
+    def mark_dead(self, silent: SilentRun, status: str, reason: str) -> bool:
+        run_id = self._recorded_id(silent.uid)
+        key = f"{run_id}/run.json"
+        tagged = None if run_id is None else self.store.get_tagged(key)
+        document = None if tagged is None else _loaded(tagged[0])
+        if _running(document) != (silent.uid, silent.host, silent.heartbeat):
+            return False  # changed meanwhile: delivered again, or another watchdog was first
+        document.update(status=status, stop_time=document["heartbeat"], fail_trace=list(death_trace(reason)))
+        document["runrelay"]["death"] = reason
+        return self.store.put_if(key, _json_bytes(document), tagged[1])
+
+    def central_problem(self) -> str | None:
+        """Whether the store refuses a write whose precondition no longer holds (an
+        S3-compatible store may ignore If-Match): random contents, so that several checks
+        at once cannot make one another's tag current again."""
+        self.store.put(PROBE, uuid.uuid4().bytes)
+        first = self.store.get_tagged(PROBE)
+        self.store.put(PROBE, uuid.uuid4().bytes)
+        if first is not None and not self.store.put_if(PROBE, uuid.uuid4().bytes, first[1]):
+            return None
+        return "the store wrote over a newer version in a conditional write (it ignores the precondition)"
+
+    def _host_seen(self, host: str) -> dt.datetime | None:
+        report = self._get_json(_host_key(host))
+        return _parsed_time(report.get("seen")) if isinstance(report, dict) and report.get("host") == host else None
 
     # --- JSON objects ------------------------------------------------------------------------
 
@@ -374,12 +436,14 @@ class FileStorageSink(Sink):
 
     def _get_json(self, key: str) -> Any:
         data = self.store.get(key)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            return None  # not ours (a hand-edited or foreign file): treated as absent
+        return None if data is None else _loaded(data)
+
+
+def _loaded(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None  # not ours (a hand-edited or foreign file): treated as absent
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -392,6 +456,27 @@ def _time(value: Any) -> str:
     if not isinstance(value, dt.datetime):
         raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
     return sacred.naive_utc(value).strftime(TIME_FORMAT)
+
+
+def _parsed_time(value: Any) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(value, TIME_FORMAT) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _running(document: Any) -> tuple[str, str, dt.datetime] | None:
+    """(uid, host, heartbeat) of a run.json that runrelay wrote and shows RUNNING."""
+    book = document.get("runrelay") if isinstance(document, dict) else None
+    if not isinstance(book, dict) or document.get("status") != "RUNNING":
+        return None
+    uid, host, heartbeat = book.get("uid"), book.get("host"), _parsed_time(document.get("heartbeat"))
+    return (uid, host, heartbeat) if isinstance(uid, str) and isinstance(host, str) and heartbeat else None
+
+
+def _host_key(host: str) -> str:
+    """A host's report: named by a digest, as a host name may be anything its journal says."""
+    return f"{RECORDS}/hosts/{hashlib.sha256(host.encode('utf-8', 'surrogatepass')).hexdigest()}.json"
 
 
 def _new_book(run: str) -> dict:

@@ -4,7 +4,8 @@ Credentials are Google's application default ones; with ``STORAGE_EMULATOR_HOST`
 the ``endpoint`` option) the client talks to that emulator, anonymously. Every call makes
 one attempt (``retry=None``) bounded by the sink's timeout: the daemon's retry loop owns
 waiting. A run directory is claimed by uploading its ``run.json`` with the generation
-precondition 0 (create only).
+precondition 0 (create only); a conditional write (``put_if``) is an upload with the
+generation read as its precondition.
 """
 
 from __future__ import annotations
@@ -59,19 +60,43 @@ class GcsStore(BucketStore):
             except NotFound:
                 return None
 
+    def get_tagged(self, key: str) -> tuple[bytes, int] | None:
+        from google.api_core.exceptions import NotFound
+
+        with self._converted(key):
+            blob = self._bucket.blob(self._key(key))
+            try:
+                data = blob.download_as_bytes(timeout=self.timeout, retry=None)
+                if blob.generation is not None:
+                    return data, int(blob.generation)  # the download's own generation header
+                # a server that sends none (an emulator): the generation, then its bytes
+                blob.reload(timeout=self.timeout, retry=None)
+                generation = int(blob.generation)
+                data = blob.download_as_bytes(if_generation_match=generation, timeout=self.timeout, retry=None)
+                return data, generation
+            except NotFound:
+                return None
+
+    def put_if(self, key: str, data: bytes, tag: int) -> bool:
+        return self._upload_if(key, data, tag)
+
     def has(self, key: str) -> bool:
         with self._converted(key):
             return self._bucket.blob(self._key(key)).exists(timeout=self.timeout, retry=None)
 
     def claim_run(self, run_id: int, run_json: bytes) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
+        return self._upload_if(f"{run_id}/run.json", run_json, 0)
 
-        with self._converted(f"run directory {run_id}"):
+    def _upload_if(self, key: str, data: bytes, generation: int) -> bool:
+        """Upload only while the object is at ``generation`` (0: only if there is none)."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        with self._converted(key):
             try:
-                self._bucket.blob(self._key(f"{run_id}/run.json")).upload_from_string(
-                    run_json, if_generation_match=0, timeout=self.timeout, retry=None)
+                self._bucket.blob(self._key(key)).upload_from_string(
+                    data, if_generation_match=generation, timeout=self.timeout, retry=None)
                 return True
-            except PreconditionFailed:
+            except (PreconditionFailed, NotFound):
                 return False
 
     def run_ids(self) -> list[int]:

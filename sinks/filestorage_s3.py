@@ -4,7 +4,9 @@ Endpoint, region and credentials come from the sink's options, else from the usu
 environment (``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, profiles).
 boto3 makes one attempt per call, each bounded by the sink's timeout: the daemon's retry
 loop owns waiting. A run directory is claimed by a conditional ``PutObject`` of its
-``run.json`` (``If-None-Match: *``).
+``run.json`` (``If-None-Match: *``); a conditional write (``put_if``) is a ``PutObject``
+with ``If-Match`` of the ETag read (S3 has honoured it since November 2024; the sink checks
+that the endpoint does before the watchdog relies on it).
 """
 
 from __future__ import annotations
@@ -71,6 +73,26 @@ class S3Store(BucketStore):
                 return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
             except self._client.exceptions.NoSuchKey:
                 return None
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        with self._converted(key):
+            try:
+                found = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self._client.exceptions.NoSuchKey:
+                return None
+            return found["Body"].read(), found["ETag"]
+
+    def put_if(self, key: str, data: bytes, tag: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._converted(key):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=tag)
+                return True
+            except ClientError as error:
+                if _code(error) in _TAKEN or _code(error) in ("404", "NoSuchKey"):
+                    return False
+                raise
 
     def has(self, key: str) -> bool:
         from botocore.exceptions import ClientError

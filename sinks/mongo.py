@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import math
 import mimetypes
 import os
 from typing import Any, Iterator
 
-from runrelay.eventlog.fold import RunState
+from runrelay.eventlog.fold import REVIVED, RunState, death_trace
 from runrelay.sinks import mongo_client, sacred
-from runrelay.sinks.base import Batch, PermanentSinkError, RunSource, Sink, SinkConfigError, TransientSinkError
+from runrelay.sinks.base import (
+    Batch, PermanentSinkError, RunSource, SilentRun, Sink, SinkConfigError, TakesCentralVerdicts, TransientSinkError,
+    death_reason, run_host,
+)
 
 FORMAT = "MongoObserver-0.7.0"  # what Sacred's MongoObserver writes in "format"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's BSON document limit
@@ -42,7 +46,7 @@ def _points_option(value: Any) -> int:
 _UNSET_WHEN_NONE = ("stop_time", "fail_trace")
 
 
-class MongoSink(Sink):
+class MongoSink(Sink, TakesCentralVerdicts):
     """Runs in Sacred's MongoObserver layout (docs/sinks.md, docs/compatibility.md)."""
 
     OPTIONS = {
@@ -61,6 +65,7 @@ class MongoSink(Sink):
         self.database_name = given or named or mongo_client.DEFAULT_DATABASE
         prefix = self.options.get("prefix", "")
         self.runs_name, self.metrics_name, self.bucket = f"{prefix}runs", f"{prefix}metrics", f"{prefix}fs"
+        self.hosts_name = f"{prefix}runrelay_hosts"  # the daemons' reports that their host lives
         self.points_per_document = self.options.get("points_per_document", DEFAULT_POINTS_PER_DOCUMENT)
         self._client = None
         self._db = None
@@ -163,7 +168,7 @@ class MongoSink(Sink):
 
         given = batch.state.sacred_id
         document = {**self._fields(None, batch.state, full=True),
-                    "runrelay": {"uid": batch.run, "applied": -1, "death": _death(batch.state)}}
+                    "runrelay": {"uid": batch.run, "applied": -1, "death": death_reason(batch.state)}}
         self._check_size(document, batch)
         for _attempt in range(ID_ATTEMPTS):
             if type(given) is int and self._runs.find_one({"_id": given}, {"_id": 1}) is None:
@@ -195,7 +200,7 @@ class MongoSink(Sink):
     def _update(self, known: "Known", batch: Batch, ours: dict) -> dict:
         """The update of the run document for ``batch``: ``$set`` of the sink's own fields
         only (Omniboard's ``omniboard.*`` survive), ``$unset`` of those that became empty."""
-        state, changed = batch.state, batch.changed
+        state, changed = batch.state, _with_verdict_withdrawn(batch)
         fields = self._fields(known.run_id, state, full=False, changed=changed)
         if "experiment" in changed:
             fields["experiment"] = {**storable(sacred.untuple(state.experiment)), "sources": self._sources(batch)}
@@ -211,7 +216,8 @@ class MongoSink(Sink):
         if "captured_out" in changed:
             fields["captured_out"] = self._output(state, fields)
         if "death" in changed:
-            ours["runrelay.death"] = _death(state)
+            ours["runrelay.death"] = death_reason(state)
+        ours["runrelay.host"] = run_host(state)  # every batch: a run started before runrelay recorded it gets it too
         unset = {name: "" for name in _UNSET_WHEN_NONE if name in fields and fields[name] is None}
         update = {"$set": {**{k: v for k, v in fields.items() if k not in unset}, **ours}}
         if unset:
@@ -238,6 +244,38 @@ class MongoSink(Sink):
             big = sorted(((len(bson.encode({k: v})), k) for k, v in fields.items()), reverse=True)[:3]
             detail = ", ".join(f"{name} {size} bytes" for size, name in big)
             raise PermanentSinkError(f"{self!r} run {batch.run}: the run document would pass MongoDB's 16 MB ({detail})")
+
+    # --- central verdicts (docs/daemon.md, "Dead runs") --------------------------------------
+
+    def report_host(self, host: str, at: dt.datetime) -> None:
+        with self._converted():
+            self._db[self.hosts_name].update_one({"_id": host}, {"$set": {"seen": at}}, upsert=True)
+
+    def silent_runs(self, host_silent_since: dt.datetime, heartbeat_before: dt.datetime) -> list[SilentRun]:
+        with self._converted():
+            running = list(self._runs.find(
+                {"status": "RUNNING", "runrelay.host": {"$type": "string"}, "heartbeat": {"$lt": heartbeat_before}},
+                {"runrelay.uid": 1, "runrelay.host": 1, "heartbeat": 1}))
+            hosts = {run["runrelay"]["host"] for run in running}
+            seen = {found["_id"]: found.get("seen")
+                    for found in self._db[self.hosts_name].find({"_id": {"$in": sorted(hosts)}})}
+        silent = []
+        for run in running:
+            host = run["runrelay"]["host"]
+            reported = seen.get(host) if isinstance(seen.get(host), dt.datetime) else None
+            if reported is None or reported < host_silent_since:
+                silent.append(SilentRun(run["runrelay"]["uid"], host, run["heartbeat"], reported))
+        return silent
+
+    def mark_dead(self, silent: SilentRun, status: str, reason: str) -> bool:
+        """One conditional update_one: only while the run is still RUNNING with the heartbeat
+        seen. ``stop_time`` is that heartbeat (Sacred's heartbeat field falls back to the start)."""
+        verdict = {"status": status, "stop_time": silent.heartbeat, "fail_trace": list(death_trace(reason)),
+                   "runrelay.death": reason}
+        with self._converted(silent.uid):
+            done = self._runs.update_one(
+                {"runrelay.uid": silent.uid, "status": "RUNNING", "heartbeat": silent.heartbeat}, {"$set": verdict})
+        return done.matched_count == 1
 
     # --- GridFS ------------------------------------------------------------------------------
 
@@ -473,5 +511,8 @@ def _info(state: RunState) -> dict:
     return storable(sacred.flat({key: value for key, value in state.info.items() if key != "metrics"}))
 
 
-def _death(state: RunState) -> str | None:
-    return None if state.death is None else str(state.death.get("reason") or "")
+def _with_verdict_withdrawn(batch: Batch) -> frozenset[str]:
+    """The state fields a batch rewrites. Unless the run's fold holds a death, the ending
+    fields are rewritten from it too: a central verdict the watchdog wrote (which no journal
+    holds) is withdrawn by whichever batch comes next, even one read before the mark."""
+    return batch.changed if batch.state.death is not None else batch.changed | REVIVED
