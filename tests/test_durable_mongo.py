@@ -4,14 +4,20 @@ stopped at start. Counts are of what the run document, its metrics and GridFS ho
 
 from __future__ import annotations
 
+import datetime
+import os
 import time
 
 import gridfs
 import pymongo
 import pytest
 from pymongo.uri_parser import parse_uri
+from sacred.observers import MongoObserver
 
-from test_durable import fed_by_a_daemon, killed_mid_run, run_experiment, start_daemon, daemon_config, wait_for
+from runrelay.sinks.observer import is_transient, prepare
+
+from test_durable import (WAIT_SECONDS, daemon_config, fed_by_a_daemon, killed_mid_run, run_experiment, start_daemon,
+                          start_experiment, wait_for)
 
 SINK = "sacred.observers:MongoObserver"
 QUICK = "serverSelectionTimeoutMS=2000"  # a call on a server that is down fails in 2 s, not Sacred's 30
@@ -105,3 +111,50 @@ def test_mongo_down_at_start_fails_nothing_and_gets_the_run_once_it_is_up(tmp_pa
     assert run["info"] == {"step": 11} and run["result"] == 12 and "step 11" in run["captured_out"]
     assert [name for name, *_ in run["artifacts"]] == ["model-0.txt", "model-5.txt", "model-10.txt"]
     assert run["metrics"]["loss"][0] == list(range(12))
+
+
+def test_mongo_killed_mid_run_gets_every_write_once_it_is_back(tmp_path, mongo_server, mongo_url):
+    """The server killed mid-run (writes under way raise AutoReconnect or time out) and
+    started again after the run ended: the daemon writes what the experiment could not."""
+    read_fd, write_fd = os.pipe()
+    process = start_experiment(tmp_path / "journal", f"mongo:{quick(mongo_url)}", "steps=60", "pause=0.02",
+                               f"workdir={tmp_path}", report_fd=write_fd, RUNRELAY_TEST_DRAIN="1")
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as reports:
+            artifacts = 0
+            while artifacts < 2:
+                artifacts += reports.readline().startswith("artifact")
+            mongo_server.kill()
+            reports.read()
+        _, stderr = process.communicate(timeout=WAIT_SECONDS)
+        assert process.returncode == 0 and "Completed after" in stderr, stderr
+    finally:
+        mongo_server.start()
+    assert [run["status"] for run in runs(mongo_url)] in ([], ["RUNNING"])
+    fed_by_a_daemon(tmp_path, {"MongoObserver": (SINK, sink_args(quick(mongo_url)))},
+                    lambda: [run for run in runs(mongo_url) if run["status"] == "COMPLETED"], "the completed run")
+    run = stored(mongo_url)
+    assert [name for name, *_ in run["artifacts"]] == [f"model-{step}.txt" for step in range(0, 60, 5)]
+    assert sorted(set(run["metrics"]["loss"][0])) == list(range(60)) and run["info"] == {"step": 59}
+
+
+def test_a_wrapped_mongo_observers_writes_to_a_dead_server_raise_transient_errors(mongo_server, mongo_url):
+    """Sacred's heartbeat save passes over AutoReconnect and its final_save does not raise:
+    prepared for the feed, both raise, so the feed does not count them as fed."""
+    observer = MongoObserver(quick(mongo_url), db_name=parse_uri(mongo_url)["database"])
+    prepare(observer)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    observer.started_event({"name": "demo", "base_dir": "/nonexistent", "sources": []}, "main", {}, now, {}, {}, None)
+    mongo_server.kill()
+    try:
+        for call in (lambda: observer.heartbeat_event({"step": 1}, "out", now, None),
+                     lambda: observer.completed_event(now, 3)):
+            with pytest.raises(pymongo.errors.ConnectionFailure) as raised:
+                call()
+            assert is_transient(raised.value)
+    finally:
+        mongo_server.start()
+    observer.completed_event(now, 3)  # fed again once the server is back
+    [run] = runs(mongo_url)
+    assert run["status"] == "COMPLETED" and run["info"] == {"step": 1} and run["result"] == 3
