@@ -333,7 +333,7 @@ def _mongo_prepare(observer) -> None:
     def write(upsert: bool = False) -> None:
         observer.runs.update_one({"_id": observer.run_entry["_id"]}, {"$set": observer.run_entry}, upsert=upsert)
 
-    def final_save(attempts: int) -> None:
+    def final_save(attempts: int) -> None:  # Sacred's attempts: the feed's retries are ours
         try:
             write(upsert=True)
         except InvalidDocument:  # as Sacred's final_save: stored with the offending values made storable
