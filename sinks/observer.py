@@ -262,7 +262,8 @@ def _reattach_tinydb(observer, observer_id) -> None:
     observer.run_entry, observer.db_run_id = dict(found[0]), found[0].doc_id
 
 
-def _tinydb_started(observer, base_dir: str | None) -> None:
+def _base_dir_put_back(observer, base_dir: str | None) -> None:
+    """For observers that keep ``run_entry`` and write it with ``save`` (TinyDB, Mongo)."""
     observer.run_entry["experiment"]["base_dir"] = base_dir
     observer.save()
 
@@ -304,12 +305,72 @@ def _reattach_sql(observer, observer_id) -> None:
     observer.run = observer.session.query(Run).filter_by(run_id=str(observer_id)).one()
 
 
+def _reattach_mongo(observer, observer_id) -> None:
+    entry = observer.runs.find_one({"_id": observer_id})
+    if entry is None:
+        raise LookupError(f"MongoObserver: no run with _id {observer_id!r} in {observer.runs.full_name}")
+    entry["resources"] = [tuple(resource) for resource in entry.get("resources", [])]  # as Sacred keeps them
+    # A metric created by the last log_metrics before a kill may not have reached the run
+    # document yet (the next save writes it): its id is in the metrics collection.
+    metrics = [{"name": metric["name"], "id": str(metric["_id"])}
+               for metric in observer.metrics.find({"run_id": observer_id}).sort("_id")]
+    if metrics:
+        entry.setdefault("info", {})["metrics"] = metrics
+    observer.run_entry = entry
+
+
+def _mongo_prepare(observer) -> None:
+    """Its run document written with pymongo's errors raised (Sacred's ``save`` passes over
+    AutoReconnect and its ``final_save`` ends in a pickle in a temp dir, so a lost write
+    would count as fed); the metric ids ``log_metrics`` creates kept in the run's ``info``
+    (the journal's info, which each beat brings, does not have them); an artifact or a
+    resource whose save raised taken off the run again (the call is fed again); an
+    artifact's content type guessed as Sacred guesses it, without printing into the
+    experiment's output (or the daemon's)."""
+    from pymongo.errors import InvalidDocument
+    from sacred.observers.mongo import force_bson_encodeable, mimetype_detector
+
+    def write(upsert: bool = False) -> None:
+        observer.runs.update_one({"_id": observer.run_entry["_id"]}, {"$set": observer.run_entry}, upsert=upsert)
+
+    def final_save(attempts: int) -> None:  # Sacred's attempts: the feed's retries are ours
+        try:
+            write(upsert=True)
+        except InvalidDocument:  # as Sacred's final_save: stored with the offending values made storable
+            observer.run_entry = force_bson_encodeable(observer.run_entry)
+            write(upsert=True)
+
+    log_metrics, heartbeat_event = observer.log_metrics, observer.heartbeat_event
+
+    def keeping_metric_ids(info, captured_out, beat_time, result):
+        ids = observer.run_entry["info"].get("metrics")
+        heartbeat_event({**info, "metrics": ids} if ids else info, captured_out, beat_time, result)
+
+    def undone_on_error(method, key: str):
+        def call(*args, **kwargs):
+            kept = list(observer.run_entry[key])
+            try:
+                return method(*args, **kwargs)
+            except Exception:
+                observer.run_entry[key] = kept
+                raise
+        return call
+
+    observer.save, observer.final_save = write, final_save
+    observer._try_to_detect_content_type = lambda filename: mimetype_detector.guess_type(filename)[0]
+    observer.log_metrics = lambda metrics_by_name, info: log_metrics(metrics_by_name, observer.run_entry["info"])
+    observer.heartbeat_event = keeping_metric_ids
+    observer.artifact_event = undone_on_error(observer.artifact_event, "artifacts")
+    observer.resource_event = undone_on_error(observer.resource_event, "resources")
+
+
 # the qualified name of an observer class -> its adapter (docs/durable.md)
 ADAPTERS: dict[str, Adapter] = {
-    "sacred.observers.tinydb_hashfs.tinydb_hashfs.TinyDbObserver": Adapter(_reattach_tinydb, _tinydb_started),
+    "sacred.observers.tinydb_hashfs.tinydb_hashfs.TinyDbObserver": Adapter(_reattach_tinydb, _base_dir_put_back),
     "sacred.observers.file_storage.FileStorageObserver": Adapter(
         _reattach_file_storage, _file_storage_started, _file_storage_prepare),
     "sacred.observers.sql.SqlObserver": Adapter(_reattach_sql),
+    "sacred.observers.mongo.MongoObserver": Adapter(_reattach_mongo, _base_dir_put_back, _mongo_prepare),
 }
 
 

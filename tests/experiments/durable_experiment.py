@@ -3,7 +3,7 @@
     python durable_experiment.py JOURNAL_DIR SPEC [Sacred arguments] with steps=N report_fd=3
 
 SPEC picks the observer: ``tinydb:DIR``, ``filestorage:DIR``, ``sql:URL``, ``counting:FILE``,
-``raising:FILE``, ``webhook:URL``; ``plain-KIND:TARGET`` attaches it unwrapped (the reference); ``drain_seconds`` comes from the
+``raising:FILE``, ``webhook:URL``, ``mongo:URL`` (the database the URL names); ``plain-KIND:TARGET`` attaches it unwrapped (the reference); ``drain_seconds`` comes from the
 environment (RUNRELAY_TEST_DRAIN, default the wrapper's). After each ``log_scalar`` and
 ``add_artifact`` call has returned it writes "metric loss STEP" or "artifact NAME" as one
 line to ``report_fd``.
@@ -14,7 +14,8 @@ import sys
 import time
 
 from sacred import Experiment
-from sacred.observers import FileStorageObserver, SqlObserver, TinyDbObserver
+from pymongo.uri_parser import parse_uri
+from sacred.observers import FileStorageObserver, MongoObserver, SqlObserver, TinyDbObserver
 
 import durable_observers
 import runrelay
@@ -25,7 +26,8 @@ plain = kind.startswith("plain-")  # the reference: Sacred's observer alone
 ex = Experiment("durable", save_git_info=False)
 OBSERVERS = {"tinydb": TinyDbObserver, "filestorage": FileStorageObserver, "sql": SqlObserver,
              "counting": durable_observers.CountingObserver, "raising": durable_observers.RaisingObserver,
-             "webhook": durable_observers.WebhookObserver}
+             "webhook": durable_observers.WebhookObserver,
+             "mongo": lambda url: MongoObserver(url, db_name=parse_uri(url)["database"])}
 observer = OBSERVERS[kind.removeprefix("plain-")](target)
 if plain:
     ex.observers.append(observer)
