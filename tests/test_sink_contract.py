@@ -309,6 +309,16 @@ def test_a_redelivered_letter_is_written_once_and_leaves_applied(sink, store, jo
     assert contents["status"] == "COMPLETED" and sink.applied(run) == 9
 
 
+def kill_once_it_says(script: str, line: str) -> None:
+    """Run ``script`` in a child Python and SIGKILL it once it prints ``line``."""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == line + "\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
 def test_applied_survives_a_kill_between_commit_and_cursor(store, journal, files):
     run = write_run(journal, lifecycle(files))
     script = (
@@ -321,12 +331,7 @@ def test_applied_survives_a_kill_between_commit_and_cursor(store, journal, files
         "print('committed', flush=True)\n"
         "time.sleep(60)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "committed\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kill_once_it_says(script, "committed")
     sink = open_sink(store.url, journal)
     try:
         assert sink.applied(run) == 4  # the daemon resumes from here, its cursor unsaved
@@ -472,12 +477,7 @@ def test_a_kill_in_the_middle_of_several_runs_leaves_each_run_applied_or_not(sto
         f"sink = open_sink({store.url!r}, Blocking())\n"
         f"sink.apply_runs([Delivery(journal, run).batch() for run in {runs!r}])\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "blocked\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kill_once_it_says(script, "blocked")
     sink = open_sink(store.url, journal)
     try:
         applied = sink.applied_runs(runs)
