@@ -398,10 +398,42 @@ def sql_runs(url: str) -> list[dict]:
                 run["artifacts"] = sorted(row[0] for row in db.execute(sa.text(
                     "SELECT filename FROM artifact WHERE run_id = :id"), {"id": run["run_id"]}))
             return runs
-    except sa.exc.ProgrammingError:  # no tables yet
+    except (sa.exc.ProgrammingError, sa.exc.OperationalError):  # no tables yet
         return []
     finally:
         engine.dispose()
+
+
+def comparable_sql_run(run: dict) -> dict:
+    """A SqlObserver run row without what differs between two runs: ids, times, the Sacred
+    run id in the captured output."""
+    run = {key: value for key, value in run.items() if key not in ("id", "run_id") and not key.endswith("_time")
+           and key != "heartbeat"}
+    run["captured_out"] = "\n".join(line for line in run["captured_out"].splitlines() if "run with ID" not in line)
+    return run
+
+
+@pytest.mark.parametrize("drain", ["5", "0"], ids=["fed_in_process", "fed_by_the_daemon"])
+def test_a_completed_run_reads_as_the_plain_sql_observer_writes_it(tmp_path, drain):
+    plain, wrapped = f"sqlite:///{tmp_path / 'plain.sqlite'}", f"sqlite:///{tmp_path / 'wrapped.sqlite'}"
+    config = ("seed=7", "steps=12", f"workdir={tmp_path}")
+    run_experiment(tmp_path / "unused", f"plain-sql:{plain}", *config)
+    run_experiment(tmp_path / "journal", f"sql:{wrapped}", *config, RUNRELAY_TEST_DRAIN=drain)
+    fed_by_a_daemon(tmp_path, {"SqlObserver": ("sacred.observers:SqlObserver", {"url": wrapped})},
+                    lambda: [run for run in sql_runs(wrapped) if run["status"] == "COMPLETED"], "the completed run")
+    [expected], [got] = sql_runs(plain), sql_runs(wrapped)
+    assert comparable_sql_run(got) == comparable_sql_run(expected)
+    assert got["artifacts"] == ["model-0.txt", "model-10.txt", "model-5.txt"]
+
+
+def test_a_killed_run_reaches_the_sql_observer_with_every_artifact_that_had_returned(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.sqlite'}"
+    reported = killed_mid_run(tmp_path, f"sql:{url}")
+    [run] = fed_by_a_daemon(tmp_path, {"SqlObserver": ("sacred.observers:SqlObserver", {"url": url})},
+                            lambda: [run for run in sql_runs(url) if run["status"] == "DIED"], "the dead run")
+    artifacts = [line.split()[1] for line in reported if line.startswith("artifact")]
+    assert set(artifacts) <= set(run["artifacts"])
+    assert len(run["artifacts"]) - len(set(run["artifacts"])) <= 1  # or the artifact call in flight
 
 
 def test_sql_observer_on_a_database_down_at_start_gets_the_run_once_it_is_up(tmp_path, postgres_server,
