@@ -406,6 +406,30 @@ class MongoServer(Server):
 
 
 
+class GcpStorageEmulator(Server):
+    """PyPI ``gcp-storage-emulator``, a GCS emulator that ignores generation preconditions
+    (TESTING.md): a real store on which a conditional write is not safe."""
+
+    name = "gcp-storage-emulator"
+    programs = ("gcp-storage-emulator",)
+    install_hint = "pip install gcp-storage-emulator (in the test extra)"
+    stop_signal = signal.SIGTERM
+    bucket = "runrelay-tests"
+
+    def __init__(self):
+        super().__init__(os.path.dirname(sys.executable))
+
+    def _initialize(self) -> None:
+        pass
+
+    def _command(self) -> list[str]:
+        return [str(self.program("gcp-storage-emulator")), "start", "-H", "127.0.0.1", "--port", str(self.port),
+                "--default-bucket", self.bucket, "--in-memory", "--quiet"]
+
+    def _accepts_connections(self) -> bool:
+        return port_open(self.port)
+
+
 class MotoServer(Server):
     """moto's standalone S3 server (PyPI ``moto[s3]``, ``flask``, ``flask-cors``). It keeps
     everything in memory: ``start`` after a kill creates again the buckets made through

@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from runrelay.daemon.watchdog import HostReports, Watchdog, utc
 from runrelay.eventlog import Journal, JournalWriter, Kind
 from runrelay.sinks.filestorage import TIME_FORMAT
 from sinkkit import Delivery, append_steps, at, beat, lifecycle, make_files, open_sink, started, write_run
-from servers import Server, port_open, start_or_skip
+from servers import GcpStorageEmulator, start_or_skip
 from test_sink_contract import bucket_read_back, directory_read_back
 from test_sql_sink import DIALECTS, in_threads, run_row
 
@@ -149,30 +148,6 @@ def test_each_filestorage_store_honours_conditional_writes(name, request, tmp_pa
         assert sink.central_problem() is None
     finally:
         sink.close()
-
-
-class GcpStorageEmulator(Server):
-    """PyPI ``gcp-storage-emulator``, a GCS emulator that ignores generation preconditions
-    (TESTING.md): a real store on which a conditional write is not safe."""
-
-    name = "gcp-storage-emulator"
-    programs = ("gcp-storage-emulator",)
-    install_hint = "pip install gcp-storage-emulator (in the test extra)"
-    stop_signal = signal.SIGTERM
-    bucket = "runrelay-tests"
-
-    def __init__(self):
-        super().__init__(os.path.dirname(sys.executable))
-
-    def _initialize(self) -> None:
-        pass
-
-    def _command(self) -> list[str]:
-        return [str(self.program("gcp-storage-emulator")), "start", "-H", "127.0.0.1", "--port", str(self.port),
-                "--default-bucket", self.bucket, "--in-memory", "--quiet"]
-
-    def _accepts_connections(self) -> bool:
-        return port_open(self.port)
 
 
 def test_a_store_that_ignores_preconditions_is_named_once_and_left_out(journal, files, caplog):

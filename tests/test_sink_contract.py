@@ -309,6 +309,17 @@ def test_a_redelivered_letter_is_written_once_and_leaves_applied(sink, store, jo
     assert contents["status"] == "COMPLETED" and sink.applied(run) == 9
 
 
+def child_preamble(journal: Journal) -> str:
+    """The start of a child Python's script: sinkkit importable, ``journal`` opened."""
+    return (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from sinkkit import Delivery, open_sink\n"
+        "from runrelay.eventlog import Journal\n"
+        f"journal = Journal({str(journal.root)!r})\n"
+    )
+
+
 def kill_once_it_says(script: str, line: str) -> None:
     """Run ``script`` in a child Python and SIGKILL it once it prints ``line``."""
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -322,11 +333,7 @@ def kill_once_it_says(script: str, line: str) -> None:
 def test_applied_survives_a_kill_between_commit_and_cursor(store, journal, files):
     run = write_run(journal, lifecycle(files))
     script = (
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from sinkkit import Delivery, open_sink\n"
-        "from runrelay.eventlog import Journal\n"
-        f"journal = Journal({str(journal.root)!r})\n"
+        child_preamble(journal) +
         f"Delivery(journal, {run!r}).apply(open_sink({store.url!r}, journal), through=4)\n"
         "print('committed', flush=True)\n"
         "time.sleep(60)\n"
@@ -461,11 +468,7 @@ def test_a_kill_in_the_middle_of_several_runs_leaves_each_run_applied_or_not(sto
     applied run is complete), and delivering again makes every run whole, once."""
     runs = [write_run(journal, lifecycle(files)) for _ in range(3)]
     script = (
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from sinkkit import Delivery, open_sink\n"
-        "from runrelay.eventlog import Journal\n"
-        f"journal = Journal({str(journal.root)!r})\n"
+        child_preamble(journal) +
         "class Blocking:\n"
         "    def open_blob(self, run, digest):\n"
         f"        if run == {runs[-1]!r}:\n"
