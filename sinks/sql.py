@@ -182,35 +182,72 @@ class SqlSink(Sink, TakesCentralVerdicts):
     # --- writing a batch ---------------------------------------------------------------------
 
     def _write(self, batches: Sequence[Batch], redelivery: bool) -> None:
-        """The batches in one transaction."""
+        """The batches in one transaction. What does not vary per run (the lock, the new
+        runs' rows, the metric points, ``runrelay_run``) is sent once for the group: on a
+        server each statement is a round trip."""
         self._ids.begin()
         with self._transaction(_only_run([batch.run for batch in batches])) as conn:
-            for batch in batches:
-                self._write_batch(conn, batch, redelivery)
+            found = self._locked(conn, [batch.run for batch in batches])
+            group = _GroupWrites()
+            planned = [plan for batch in batches
+                       if (plan := self._plan(conn, batch, redelivery, found.get(batch.run), group))]
+            self._create_runs(conn, [plan for plan in planned if plan.run_id is None])
+            for plan in planned:
+                self._write_rows(conn, plan, group)
+            group.send(conn)
         self._ids.committed()
 
-    def _write_batch(self, conn: sa.Connection, batch: Batch, redelivery: bool) -> None:
-        found = conn.execute(
-            sa.select(runrelay_run.c.run_id, runrelay_run.c.applied_seq, runrelay_run.c.death_reason)
-            .where(runrelay_run.c.uid == batch.run)
-            .with_for_update()
-        ).first()
+    def _locked(self, conn: sa.Connection, runs: list[str]) -> dict[str, Any]:
+        """The ``runrelay_run`` rows of these runs, locked in uid order (SQLite: the whole
+        database, by ``BEGIN IMMEDIATE``)."""
+        found = {}
+        runs = sorted(runs)
+        for start in range(0, len(runs), RUNS_PER_QUERY):
+            chunk = runs[start:start + RUNS_PER_QUERY]
+            query = (sa.select(runrelay_run.c.uid, runrelay_run.c.run_id, runrelay_run.c.applied_seq,
+                               runrelay_run.c.death_reason)
+                     .where(runrelay_run.c.uid.in_(chunk)).order_by(runrelay_run.c.uid).with_for_update())
+            found.update((row.uid, row) for row in conn.execute(query))
+        return found
+
+    def _plan(self, conn: sa.Connection, batch: Batch, redelivery: bool, found, group: "_GroupWrites"):
+        """What a batch writes to its run row and ``runrelay_run``; None when it is written."""
         part = self._unwritten(conn, batch, redelivery, found)
         if part is None:
-            return
+            return None
         if found is not None and found.death_reason is not None and part.state.death is None:
             part = dataclasses.replace(part, changed=part.changed | REVIVED)  # undo a central verdict
-        run_id = found.run_id if found else self._create_run(conn, part)
-        values = self._add_rows(conn, run_id, part)
-        values.update(self._run_columns(part))
-        if values:
-            self._check_size(values)
-            conn.execute(run.update().where(run.c.run_id == run_id).values(**values))
-        ours = self._bookkeeping(part, redelivery)
-        if ours:
-            conn.execute(runrelay_run.update().where(runrelay_run.c.uid == batch.run).values(**ours))
+        values = {**self._run_columns(part), **self._shared_rows(conn, part, new=found is None, group=group)}
+        self._check_size(values)
         if redelivery:
-            conn.execute(runrelay_redelivered.insert().values(uid=batch.run, seq=batch.last_seq))
+            group.redelivered.append({"uid": batch.run, "seq": batch.last_seq})
+        return _Planned(part, None if found is None else found.run_id, values, self._bookkeeping(part, redelivery))
+
+    def _create_runs(self, conn: sa.Connection, new: list["_Planned"]) -> None:
+        """The rows of new runs, each under its Sacred run id (docs/sinks.md, "Run ids")."""
+        if not new:
+            return
+        for plan, run_id in zip(new, _new_run_ids(conn, [plan.batch.state.sacred_id for plan in new])):
+            plan.run_id = run_id
+        try:
+            for rows in _by_columns([{"run_id": plan.run_id, **plan.values} for plan in new]):
+                conn.execute(run.insert(), rows)
+            conn.execute(runrelay_run.insert(), [
+                {"uid": plan.batch.run, "run_id": plan.run_id, "result": None, "death_reason": None,
+                 **plan.bookkeeping, "applied_seq": plan.bookkeeping.get("applied_seq", -1)} for plan in new])
+        except sa.exc.IntegrityError:
+            raise TransientSinkError(
+                f"{self!r}: another writer created one of these {len(new)} runs or took its run id at the same "
+                "moment; retrying") from None
+        for plan in new:
+            plan.values, plan.bookkeeping = {}, {}  # written whole
+
+    def _write_rows(self, conn: sa.Connection, plan: "_Planned", group: "_GroupWrites") -> None:
+        if plan.values:
+            conn.execute(run.update().where(run.c.run_id == plan.run_id).values(**plan.values))
+        if plan.bookkeeping:
+            group.applied.append({"_uid": plan.batch.run, **plan.bookkeeping})
+        self._add_rows(conn, plan.run_id, plan.batch, group)
 
     def _unwritten(self, conn: sa.Connection, batch: Batch, redelivery: bool, found) -> Batch | None:
         if not redelivery:
@@ -221,31 +258,10 @@ class SqlSink(Sink, TakesCentralVerdicts):
             runrelay_redelivered.c.uid == batch.run, runrelay_redelivered.c.seq == batch.last_seq)).first()
         return None if done else batch
 
-    def _create_run(self, conn: sa.Connection, batch: Batch) -> str:
-        """Give a new run its Sacred run id, recorded beside its uid: the ``_id`` Sacred
-        settled on if it is free, else SqlObserver's rule (0 for the first run, then the
-        highest ``run.id`` + 1)."""
-        given = batch.state.sacred_id
-        run_id = None if given is None else str(given)
-        taken = sa.select(run.c.id).where(run.c.run_id == run_id)
-        if run_id is None or len(run_id) > RUN_ID_WIDTH or conn.execute(taken).first():
-            last = conn.execute(sa.select(run.c.id).order_by(run.c.id.desc()).limit(1)).scalar()
-            run_id = "0" if last is None else str(last + 1)
-        try:
-            conn.execute(run.insert().values(run_id=run_id))
-            conn.execute(runrelay_run.insert().values(uid=batch.run, run_id=run_id, applied_seq=-1))
-        except sa.exc.IntegrityError:
-            raise TransientSinkError(
-                f"{self!r}: run {batch.run}: another writer took run id {run_id} at the same moment; retrying"
-            ) from None
-        return run_id
-
-    def _add_rows(self, conn: sa.Connection, run_id: str, batch: Batch) -> dict[str, int]:
-        """Metric points, artifacts, resources; for a queued or started event the experiment
-        and host rows, whose ids are returned for the run row."""
-        ids = {}
+    def _add_rows(self, conn: sa.Connection, run_id: str, batch: Batch, group: "_GroupWrites") -> None:
+        """Metric points (sent with the group), artifacts, resources."""
         if len(batch.points):
-            _insert_points(conn, run_id, batch.points)
+            group.points.extend(_metric_rows(run_id, batch.points, conn.dialect.name == "sqlite"))
         for entry in batch.artifacts:
             content = self._blob(batch.run, entry, f"artifact {entry['name']!r}")
             conn.execute(artifact.insert().values(filename=sacred.stored_name(entry["name"]), content=content,
@@ -255,12 +271,17 @@ class SqlSink(Sink, TakesCentralVerdicts):
             found = self._ids.get_or_create(
                 conn, resource, key, lambda: {"content": self._blob(batch.run, entry, f"resource {key['filename']!r}")})
             conn.execute(runs_resources.insert().values(run_id=run_id, resource_id=found))
+
+    def _shared_rows(self, conn: sa.Connection, batch: Batch, new: bool, group: "_GroupWrites") -> dict[str, int]:
+        """For a queued or started event: the experiment and host rows, whose ids are
+        returned for the run row, and the host the run's process is on."""
         if "process" in batch.changed and isinstance((batch.state.process or {}).get("host"), str):
-            self._record_host(conn, batch.run, batch.state.process["host"])
-        if "experiment" in batch.changed:
-            ids["experiment_id"] = self._experiment(conn, batch)
-            ids["host_id"] = self._ids.get_or_create(conn, host, sacred.host_key(batch.state.host))
-        return ids
+            if new or not self._has_host(conn, batch.run):  # a new run has no host row yet
+                group.hosts.append({"uid": batch.run, "host": batch.state.process["host"][:NAME_WIDTH]})
+        if "experiment" not in batch.changed:
+            return {}
+        return {"experiment_id": self._experiment(conn, batch),
+                "host_id": self._ids.get_or_create(conn, host, sacred.host_key(batch.state.host))}
 
     def _run_columns(self, batch: Batch) -> dict[str, Any]:
         columns = {column for name in batch.changed for column in _COLUMNS.get(name, ())}
@@ -318,9 +339,8 @@ class SqlSink(Sink, TakesCentralVerdicts):
 
         return self._ids.get_or_create(conn, source, {"filename": name, "md5sum": md5}, content)
 
-    def _record_host(self, conn: sa.Connection, uid: str, host_name: str) -> None:
-        if conn.execute(sa.select(runrelay_run_host.c.uid).where(runrelay_run_host.c.uid == uid)).first() is None:
-            conn.execute(runrelay_run_host.insert().values(uid=uid, host=host_name[:NAME_WIDTH]))
+    def _has_host(self, conn: sa.Connection, uid: str) -> bool:
+        return conn.execute(sa.select(runrelay_run_host.c.uid).where(runrelay_run_host.c.uid == uid)).first() is not None
 
     # --- central verdicts (docs/daemon.md, "Dead runs") --------------------------------------
 
@@ -452,6 +472,83 @@ class _Ids:
         self._pending.clear()
 
 
+@dataclasses.dataclass
+class _Planned:
+    """A batch to write: its run id (None for a new run, until it is given one), its run
+    row's values and its ``runrelay_run`` columns."""
+
+    batch: Batch
+    run_id: str | None
+    values: dict[str, Any]
+    bookkeeping: dict[str, Any]
+
+
+def _new_run_ids(conn: sa.Connection, given: list[int | str | None]) -> list[str]:
+    """Run ids for new runs, in order, by SqlObserver's rule: the ``_id`` Sacred settled on
+    if it is free and fits, else 0 for the first run and then the highest ``run.id`` + 1,
+    where each new row's ``run.id`` is taken to be one more than the last (so the highest is
+    read once). An id of the rule that is already taken (a handed ``_id`` that looked like a
+    number) is passed over for the next free one."""
+    wanted = [None if value is None or len(str(value)) > RUN_ID_WIDTH else str(value) for value in given]
+    taken = _taken_run_ids(conn, [value for value in wanted if value is not None])
+    highest = conn.execute(sa.select(sa.func.max(run.c.id))).scalar()
+    ids: list[str | None] = []
+    for value in wanted:
+        if value is not None and value not in taken:
+            ids.append(value)
+            taken.add(value)
+        else:
+            ids.append("0" if highest is None else str(highest + 1))
+        highest = (highest or 0) + 1
+    ruled = [index for index, value in enumerate(wanted) if ids[index] != value]
+    handed = {ids[index] for index in range(len(ids))} - {ids[index] for index in ruled}
+    pending = ruled
+    while pending:
+        clash = _taken_run_ids(conn, [ids[index] for index in pending]) | handed
+        pending = [index for index in pending if ids[index] in clash]
+        beyond = max(int(ids[index]) for index in ruled) + 1
+        for number, index in enumerate(pending, start=beyond):
+            ids[index] = str(number)
+    return ids
+
+
+def _taken_run_ids(conn: sa.Connection, run_ids: list[str]) -> set[str]:
+    taken = set()
+    for start in range(0, len(run_ids), RUNS_PER_QUERY):
+        chunk = run_ids[start:start + RUNS_PER_QUERY]
+        taken.update(conn.execute(sa.select(run.c.run_id).where(run.c.run_id.in_(chunk))).scalars())
+    return taken
+
+
+@dataclasses.dataclass
+class _GroupWrites:
+    """What a group's batches write with one statement each, after every batch's own
+    writes: the metric points, the ``runrelay_run`` updates, hosts and re-deliveries."""
+
+    points: list[tuple] = dataclasses.field(default_factory=list)
+    applied: list[dict] = dataclasses.field(default_factory=list)
+    hosts: list[dict] = dataclasses.field(default_factory=list)
+    redelivered: list[dict] = dataclasses.field(default_factory=list)
+
+    def send(self, conn: sa.Connection) -> None:
+        if self.points:
+            _insert_points(conn, self.points)
+        for rows in _by_columns(self.applied):
+            conn.execute(runrelay_run.update().where(runrelay_run.c.uid == sa.bindparam("_uid")), rows)
+        if self.hosts:
+            conn.execute(runrelay_run_host.insert(), self.hosts)
+        if self.redelivered:  # refers to runrelay_run: last
+            conn.execute(runrelay_redelivered.insert(), self.redelivered)
+
+
+def _by_columns(rows: list[dict]) -> Iterator[list[dict]]:
+    """Rows grouped by the columns they set, for one executemany each (``_uid`` names the row)."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    yield from groups.values()
+
+
 _METRIC_COLUMNS = ("run_id", "name", "step", "value", "nonfinite", "timestamp")
 
 
@@ -477,10 +574,9 @@ def _sqlite_time(value: dt.datetime) -> str:
     return text if value.microsecond else text + ".000000"
 
 
-def _insert_points(conn: sa.Connection, run_id: str, points) -> None:
+def _insert_points(conn: sa.Connection, rows: list[tuple]) -> None:
     """Metric rows straight through the driver, in the batch's transaction: SQLAlchemy's
     per-row parameter processing was a quarter of the replay time for metric batches."""
-    rows = _metric_rows(run_id, points, conn.dialect.name == "sqlite")
     if conn.dialect.name == "postgresql":
         statement = f"COPY {metric.name} ({', '.join(_METRIC_COLUMNS)}) FROM STDIN"
         driver_error = conn.dialect.loaded_dbapi.Error

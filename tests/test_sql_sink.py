@@ -146,6 +146,25 @@ def test_run_ids_follow_sacreds_rule_and_are_given_once(sink, url, journal, file
     assert [sink.applied(run) for run in runs] == [0, 0, 0]
 
 
+def test_new_runs_in_one_group_get_sacreds_ids_in_uid_order(sink, url, journal, files):
+    handed = write_run(journal, [started(files, sacred_id="6")])
+    deliver(sink, journal, handed)  # row id 1 holds run id "6", which the rule reaches below
+    handing = [None, "my-run", None, "my-run", None, None, None]
+    runs = {write_run(journal, [started(files, **({"sacred_id": given} if given else {}))]): given
+            for given in handing}
+    sink.apply_runs([Delivery(journal, run).batch() for run in runs])  # one transaction, in uid order
+    expected, handed_out = {}, False
+    for row_id, run in enumerate(sorted(runs), start=2):
+        if runs[run] and not handed_out:
+            expected[run], handed_out = "my-run", True
+        else:  # the rule: the highest run.id + 1, i.e. this row's id; "6" is taken: the next id past the group's
+            expected[run] = "9" if row_id == 6 else str(row_id)
+    stored = dict(query(url, sa.select(tables.runrelay_run.c.uid, tables.runrelay_run.c.run_id)))
+    assert {run: stored[run] for run in runs} == expected
+    assert query(url, sa.select(sa.func.count()).select_from(tables.run)) == [(8,)]
+    assert [sink.applied(run) for run in runs] == [0] * len(runs)
+
+
 def in_threads(function, sinks: list) -> None:
     """Call ``function(sink)`` for every sink at once, one thread each; then close the sinks."""
     threads = [threading.Thread(target=function, args=(sink,)) for sink in sinks]
