@@ -30,7 +30,7 @@ from runrelay.daemon.supervisor import Supervisor
 from runrelay.daemon.verdicts import DeathWatch, Host
 from runrelay.daemon.watchdog import HostReports, Watchdog, central
 from runrelay.eventlog.events import micros_now
-from runrelay.eventlog.fsutil import make_private_dir
+from runrelay.eventlog.fsutil import NotRegularFile, make_private_dir
 from runrelay.eventlog.reader import Journal
 from runrelay.sinks.base import Sink, TakesCentralVerdicts
 from runrelay.sinks.registry import backend, sink_for
@@ -65,15 +65,22 @@ def open_journal(config: Config, create: bool = False) -> Journal:
 
 def _lock(config: Config) -> DeliveryLock:
     lock = DeliveryLock(config.state)
-    try:
-        acquired = lock.acquire()
-    except OSError as error:
-        raise UserError(f"cannot use the state directory {config.state}: {error.strerror}; "
-                        "set --state or $RUNRELAY_STATE") from error
-    if not acquired:
+    if not _acquired(lock, config):
         raise UserError(f"another runrelay (pid {lock.holder()}) is delivering with state {config.state}; "
                         "it delivers already (see runrelay status), or stop it first")
     return lock
+
+
+def _acquired(lock: DeliveryLock, config: Config) -> bool:
+    """Whether this process took the delivery lock; a state directory that cannot hold it is a UserError."""
+    try:
+        return lock.acquire()
+    except OSError as error:
+        raise UserError(f"cannot use the state directory {config.state}: {error.strerror}; "
+                        "set --state or $RUNRELAY_STATE") from error
+    except NotRegularFile as odd:
+        raise UserError(f"cannot use the state directory {config.state}: {odd}; remove it, "
+                        "or set --state or $RUNRELAY_STATE") from None
 
 
 def _worker(sink: SinkConfig, journal: Journal, store: StateStore, config: Config, doorbell: Doorbell,
@@ -480,7 +487,7 @@ def retry_letters(config: Config, chosen: dict[str, list[Letter]]) -> RedriveRep
         for name, letters in chosen.items():
             store.request_redrive(name, [letter.id for letter in letters])
         lock = DeliveryLock(config.state)
-        if lock.acquire():
+        if _acquired(lock, config):
             try:
                 sinks = [sink for sink in config.sinks if sink.name in chosen]
                 journal = Journal(config.journal)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -26,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from runrelay.eventlog.fsutil import FILE_MODE, fsync_dir, make_private_dir
+from runrelay.eventlog.fsutil import (FILE_MODE, NotRegularFile, fsync_dir, is_locked, make_private_dir, open_regular,
+                                      try_lock)
 from runrelay.eventlog.reader import Position
 
 log = logging.getLogger("runrelay.state")
@@ -366,13 +366,10 @@ class DeliveryLock:
         """True once held; StateUnavailable when the state's disk cannot even take the lock file."""
         try:
             make_private_dir(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = try_lock(self.path)
         except OSError as error:
             raise unavailable(error) or error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             return False
         try:
             os.ftruncate(fd, 0)
@@ -388,16 +385,16 @@ class DeliveryLock:
             self._fd = None
 
     def holder(self) -> int | None:
-        """The pid of the process delivering now, or None."""
+        """The pid of the process delivering now, or None (also for a lock file that is not a
+        regular file: ``acquire`` never takes one)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = open_regular(self.path)
+        except (FileNotFoundError, NotRegularFile):
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if not is_locked(fd):
+                return None
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return int(text) if text.isdigit() else -1
         finally:
             os.close(fd)
-        return None

@@ -1,8 +1,10 @@
-"""Small filesystem helpers shared by the journal's writer, reader and blob store."""
+"""Small filesystem helpers shared by the journal's writer, reader and blob store, and the
+locks of the journal and the daemon's state."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -91,3 +93,42 @@ def open_directory(name: str | os.PathLike, dir_fd: int | None = None) -> int:
             raise
     mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     raise NotRegularFile(f"{os.fspath(name)} is {file_kind(mode)}, not a directory")
+
+
+# --- locks: an flock the kernel drops when its holder dies ----------------------------------
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive flock on the regular file ``path`` (created owner-only if missing): its
+    fd, to keep open while holding it, or None while another process holds it. Never
+    through a symlink and never blocking on a FIFO: anything but a regular file raises
+    NotRegularFile."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EISDIR):
+            kind = "a symlink" if error.errno == errno.ELOOP else "a directory"
+            raise NotRegularFile(f"{os.fspath(path)} is {kind}, not a regular file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{os.fspath(path)} is {file_kind(mode)}, not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_locked(fd: int) -> bool:
+    """Whether another process holds an exclusive flock on the file of ``fd``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False

@@ -15,7 +15,6 @@ checked (a seq in range, an id that is an int or a safe name); a record that fai
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runrelay.eventlog.reader import MAX_SEQ
-from runrelay.eventlog.fsutil import FILE_MODE, NotRegularFile, fsync_dir, open_regular
+from runrelay.eventlog.fsutil import FILE_MODE, NotRegularFile, fsync_dir, open_regular, try_lock
 
 FORMAT = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as daemon sink names: a safe file name too
@@ -74,15 +73,9 @@ class HandOff:
         """Take the feeder's lock unless another holds it; True if this process holds it now."""
         if self._lock_fd is not None:
             return True
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.lock_path)
+        if fd is None:
             return False
-        except BaseException:
-            os.close(fd)
-            raise
         self._lock_fd = fd
         return True
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import logging
 import os
 import shutil
-import stat
 import struct
 import threading
 import time
@@ -47,8 +45,8 @@ from runrelay.eventlog.format import (
     segment_name,
     segment_version,
 )
-from runrelay.eventlog.fsutil import (FILE_MODE, NotRegularFile, file_kind, fsync_dir, make_private_dir, open_regular,
-                                      write_all)
+from runrelay.eventlog.fsutil import (FILE_MODE, NotRegularFile, fsync_dir, is_locked, make_private_dir, open_regular,
+                                      try_lock, write_all)
 from runrelay.eventlog.reader import MAX_SEQ, Journal, _mapped, _Outcome
 
 DEFAULT_GROUP_COMMIT_SECONDS = 0.2
@@ -471,19 +469,12 @@ def _end_from_scan(journal: Journal, run: str) -> tuple[int, int, int, int | Non
 
 def _lock(run_dir: Path) -> int:
     """Take the run's writer lock; the kernel drops it when the process dies."""
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise JournalWriteError(f"run {run_dir.name}: {path} is {file_kind(mode)}, not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise WriterBusy(f"run {run_dir.name} is being written by another live process") from None
-    except BaseException:
-        os.close(fd)
-        raise
+        fd = try_lock(run_dir / LOCK_FILE)
+    except NotRegularFile as odd:
+        raise JournalWriteError(f"run {run_dir.name}: {odd}") from None
+    if fd is None:
+        raise WriterBusy(f"run {run_dir.name} is being written by another live process")
     return fd
 
 
@@ -505,9 +496,6 @@ def writer_alive(run_dir: Path) -> bool:
     except (FileNotFoundError, NotRegularFile):
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return is_locked(fd)
     finally:
         os.close(fd)
-    return False

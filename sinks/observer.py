@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 from runrelay.eventlog.events import Status
 from runrelay.eventlog.handoff import ID, BadObserverName, HandOff, Record, check_name
+from runrelay.eventlog.fsutil import NotRegularFile
 from runrelay.sinks.base import (
     Batch, PermanentSinkError, RunDeferred, RunSource, Sink, SinkConfigError, TransientSinkError,
 )
@@ -404,7 +405,7 @@ def observer_class(url: str) -> type:
     scheme, _, target = url.partition("://")
     module_name, colon, class_name = target.partition(":")
     if scheme.lower() != SCHEME or not colon or not module_name or not class_name.isidentifier():
-        raise SinkConfigError(f"expected observer://module:Class (e.g. observer://sacred.observers:TinyDbObserver)")
+        raise SinkConfigError("expected observer://module:Class (e.g. observer://sacred.observers:TinyDbObserver)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -471,7 +472,7 @@ class ObserverSink(Sink):
                 return  # not wrapped with this name (the record precedes the first event), or not a valid record
             with self._held(handoff, batch):
                 self._feed(handoff, batch)
-        except OSError as error:  # the run directory (not the observer) cannot be read or written
+        except (OSError, NotRegularFile) as error:  # the run directory (not the observer) cannot be read or written
             raise PermanentSinkError(f"run {batch.run}: its hand-off record: {error}", batch.first_seq) from None
 
     @contextlib.contextmanager

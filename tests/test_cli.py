@@ -52,6 +52,26 @@ def test_cat_prints_one_json_object_per_event(journal_dir):
     assert lines[0]["time"].endswith("+00:00") and math.isnan(lines[1]["body"]["value"])
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_state_lock_that_is_not_a_file_is_refused_in_one_line(journal_dir, tmp_path, kind):
+    make_run(journal_dir)
+    state = tmp_path / "state"
+    state.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_text("untouched")
+    if kind == "fifo":
+        os.mkfifo(state / "delivery.lock")  # opening it for reading would hang without O_NONBLOCK
+    else:
+        (state / "delivery.lock").symlink_to(outside)
+    options = ["--journal", str(journal_dir), "--state", str(state)]
+    done = runrelay("sync", *options, "--sink", f"sqlite:///{tmp_path / 'runs.db'}", "--no-progress")
+    word = "a FIFO" if kind == "fifo" else "a symlink"
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"delivery.lock is {word}, not a regular file" in done.stderr
+    assert outside.read_text() == "untouched"  # never written through the link
+    assert runrelay("status", *options, "--json").returncode in (0, 1)  # and status does not hang on it
+
+
 def test_ls_lists_runs_with_status(journal_dir):
     run = make_run(journal_dir)
     done = runrelay("journal", "ls", "--json", "--journal", str(journal_dir))
